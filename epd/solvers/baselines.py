@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Callback, Cond, Denoiser, denoise, denoise_first, notify, prepare, to_d
+from .common import Callback, Cond, Denoiser, denoise, denoise_first, geometric_point, notify, prepare, to_d
 
 
 def sample_euler(
@@ -61,7 +61,7 @@ def sample_dpm2(
         if sigma_next == 0:
             x = x + (sigma_next - sigma) * d
         else:
-            sigma_mid = (sigma * sigma_next).sqrt()
+            sigma_mid = geometric_point(sigma, sigma_next, sigma.new_tensor(0.5))  # EPD's τ at r = ½
             x_mid = x + (sigma_mid - sigma) * d
             d_mid = to_d(x_mid, sigma_mid, denoise(denoiser, x_mid, sigma_mid, cond))
             x = x + (sigma_next - sigma) * d_mid
@@ -76,22 +76,30 @@ def _lambda(sigma: torch.Tensor) -> torch.Tensor:
 
 def sample_dpmpp_2m(
     denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Cond = None,
-    callback: Callback | None = None, afs: bool = False,
+    callback: Callback | None = None, afs: bool = False, lower_order_final: bool = True,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M), data prediction, midpoint form (Lu et al. 2022, Alg. 2)."""
-    return _dpmpp_multistep(denoiser, x, sigmas, 2, cond, callback, afs)
+    """DPM-Solver++(2M), data prediction, midpoint form (Lu et al. 2022, Alg. 2).
+
+    ``lower_order_final`` (diffusers' default): on grids of fewer than 15 steps the order falls to the number of
+    steps left, which keeps the last, long steps of short grids stable.
+    """
+    return _dpmpp_multistep(denoiser, x, sigmas, 2, cond, callback, afs, lower_order_final)
 
 
 def sample_dpmpp_3m(
     denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Cond = None,
-    callback: Callback | None = None, afs: bool = False,
+    callback: Callback | None = None, afs: bool = False, lower_order_final: bool = True,
 ) -> torch.Tensor:
-    """DPM-Solver++(3M), data prediction (Lu et al. 2022, App. B; k-diffusion's 3M with η = 0)."""
-    return _dpmpp_multistep(denoiser, x, sigmas, 3, cond, callback, afs)
+    """DPM-Solver++(3M), data prediction (Lu et al. 2022, App. B; k-diffusion's 3M with η = 0).
+
+    ``lower_order_final`` as in :func:`sample_dpmpp_2m`.
+    """
+    return _dpmpp_multistep(denoiser, x, sigmas, 3, cond, callback, afs, lower_order_final)
 
 
-def _dpmpp_multistep(denoiser, x, sigmas, order, cond, callback, afs):
+def _dpmpp_multistep(denoiser, x, sigmas, order, cond, callback, afs, lower_order_final):
     sigmas = prepare(x, sigmas)
+    steps = len(sigmas) - 1
     history: list[torch.Tensor] = []  # past D outputs, newest last
     lambdas = _lambda(sigmas)
     for i in range(len(sigmas) - 1):
@@ -100,6 +108,8 @@ def _dpmpp_multistep(denoiser, x, sigmas, order, cond, callback, afs):
         history = (history + [denoised])[-order:]
         # Warm up through lower orders; the step into σ = 0 is first order (h = ∞ there).
         p = 1 if sigma_next == 0 else min(order, len(history))
+        if lower_order_final and steps < 15:
+            p = min(p, steps - i)
         if p == 1:
             x = denoised if sigma_next == 0 else (sigma_next / sigma) * x - torch.expm1(lambdas[i] - lambdas[i + 1]) * denoised
         else:

@@ -26,6 +26,11 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.
     return (x - denoised) / append_dims(sigma, x.ndim)
 
 
+def geometric_point(sigma: torch.Tensor, sigma_next: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """τ = σ_next^r · σ^(1−r): the point a fraction r of the way from σ to σ_next in log σ."""
+    return sigma_next**r * sigma ** (1 - r)
+
+
 def denoise(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
     """Call the denoiser with one σ per row (a scalar σ is broadcast to the batch)."""
     if sigma.ndim == 0:

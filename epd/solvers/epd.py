@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from .baselines import ab_direction
-from .common import Callback, Cond, Denoiser, append_dims, denoise, denoise_first, notify, prepare, repeat_rows, to_d
+from .common import (Callback, Cond, Denoiser, append_dims, denoise, denoise_first, geometric_point, notify,
+                     prepare, repeat_rows, to_d)
 from .table import SolverTable, TableError
 
 
@@ -46,7 +47,7 @@ def sample_epd(
             history = (history + [d])[-table.meta.plugin_order:]
             d = ab_direction(history, table.meta.plugin_order)
         r, lam, c, a = (t.to(x) for t in table.step(n))                      # each [B or 1, K]
-        tau = sigma_next**r * sigma ** (1 - r)                                  # [B or 1, K]
+        tau = geometric_point(sigma, sigma_next, r)                             # [B or 1, K]
         x_k = x.unsqueeze(1) + append_dims(tau - sigma, x.ndim + 1) * d.unsqueeze(1)   # [B, K, ...]
         rows = x_k.flatten(0, 1)                                                # row b·K + k
         sigma_rows = (a * tau).expand(B, K).reshape(-1)

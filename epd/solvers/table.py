@@ -32,6 +32,10 @@ class TableError(ValueError):
     """A solver table (or its file) is malformed or does not fit what it is used with."""
 
 
+# JSON type of each TableMeta field (annotations are strings under ``from __future__ import annotations``).
+_META_TYPES: dict[str, Any] = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict[str, Any]": dict}
+
+
 @dataclass(frozen=True)
 class TableMeta:
     """What a table was made for. ``nfe`` is derived and checked, never free."""
@@ -66,6 +70,8 @@ class TableMeta:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TableMeta":
+        if not isinstance(data, dict):
+            raise TableError(f"table metadata must be a JSON object, got {type(data).__name__}")
         data = dict(data)
         nfe = data.pop("nfe", None)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -76,6 +82,11 @@ class TableMeta:
             meta = cls(**data)
         except TypeError as e:
             raise TableError(f"table metadata is incomplete: {e}") from None
+        for f in dataclasses.fields(cls):
+            v, kind = getattr(meta, f.name), _META_TYPES.get(f.type, object)
+            ok = isinstance(v, bool) if kind is bool else (isinstance(v, kind) and not isinstance(v, bool))
+            if not ok:
+                raise TableError(f"table metadata has wrong type: {f.name}={v!r} should be {f.type}")
         if nfe is not None and nfe != meta.nfe:
             raise TableError(
                 f"metadata mismatch: nfe={nfe} but num_steps={meta.num_steps}, afs={meta.afs} give {meta.nfe}"
@@ -120,8 +131,10 @@ class SolverTable:
                     f"wrong shape: {name} has shape {tuple(t.shape)}, expected [(B,) {expected[0]}, {expected[1]}]"
                     f" for num_steps={m.num_steps}, num_points={m.num_points}"
                 )
+            if bool(torch.isnan(t).any()):
+                raise TableError(f"{name} contains NaN")
             if not bool(torch.isfinite(t).all()):
-                raise TableError(f"{name} contains NaN or inf")
+                raise TableError(f"{name} contains inf")
         shapes = {tuple(t.shape) for t in self.tensors().values()}
         if len(shapes) != 1:
             raise TableError(f"the four tensors must share one shape, got {sorted(shapes)}")
@@ -130,8 +143,10 @@ class SolverTable:
             raise TableError("positions must lie strictly inside (0, 1)")
         if bool((r[..., 1:] <= r[..., :-1]).any()):
             raise TableError("positions must be strictly increasing within each step (unordered positions)")
-        if bool((w < 0).any()) or bool(((w.sum(-1) - 1).abs() > SIMPLEX_TOL).any()):
-            raise TableError(f"weights must be on the simplex (non-negative, summing to 1 within {SIMPLEX_TOL})")
+        if bool((w < 0).any()):
+            raise TableError("weights off the simplex: some weight is negative")
+        if bool(((w.sum(-1) - 1).abs() > SIMPLEX_TOL).any()):
+            raise TableError(f"weights off the simplex: a step's weights do not sum to 1 (within {SIMPLEX_TOL})")
         for name in ("scale_dir", "scale_time"):
             s = getattr(self, name).detach()
             if bool(((s - 1).abs() > m.scale_bound + 1e-6).any()):
@@ -236,7 +251,8 @@ def load_table(path: str | os.PathLike, expect: dict[str, Any] | None = None) ->
     for key, want in (expect or {}).items():
         have = meta.nfe if key == "nfe" else getattr(meta, key, None)
         if isinstance(want, float) or isinstance(have, float):
-            same = have is not None and math.isclose(float(have), float(want), rel_tol=1e-6)
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (have, want))
+            same = numeric and math.isclose(float(have), float(want), rel_tol=1e-6)
         else:
             same = have == want
         if not same:

@@ -1,0 +1,128 @@
+"""``epd`` command line: one subcommand per stage (``epd sample``, ``epd benchmark``, …)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import schedules
+from .solvers import BASELINES
+
+
+def _add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="gmm-digits", help="backbone name (default: gmm-digits)")
+    p.add_argument("--component-std", type=float, default=0.1,
+                   help="gmm-digits: isotropic std of each mixture component, in [-1, 1] pixel units")
+    p.add_argument("--resolution", type=int, default=8, help="gmm-digits: image side (multiple of 8)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+
+
+def _backbone_options(args) -> dict:
+    return {"component_std": args.component_std, "resolution": args.resolution, "guidance": args.guidance}
+
+
+def _cmd_sample(args) -> int:
+    from .backbones import load_backbone
+    from .sample import generate, parse_seeds, read_prompts, save_grid, save_pngs
+    from .solvers import load_table
+    from .solvers.plan import configure
+
+    backbone = load_backbone(args.backbone, **_backbone_options(args))
+    table = load_table(args.table) if args.table else None
+    solver = "epd" if table is not None else args.solver
+    if table is not None and table.meta.plugin:
+        solver = "epd_plugin"
+    run = configure(solver, None if table is not None else args.nfe, schedule=args.schedule,
+                    sigma_min=backbone.sigma_min, sigma_max=backbone.sigma_max, rho=args.rho, table=table,
+                    num_points=args.num_points, backbone=backbone.name)
+    seeds = parse_seeds(args.seeds)
+    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    prompts = [args.prompt] if args.prompt else read_prompts(args.prompt_file) if args.prompt_file else None
+    outdir = Path(args.outdir)
+    collected = []
+    for batch_seeds, images in generate(backbone, run, seeds, labels=labels, prompts=prompts,
+                                        batch_size=args.batch, progress=not args.no_progress):
+        if args.grid:
+            collected.append(images)
+        else:
+            save_pngs(images, batch_seeds, outdir, subdirs=args.subdirs)
+    if args.grid:
+        import torch
+
+        save_grid(torch.cat(collected), outdir / "grid.png")
+    print(f"{len(seeds)} samples, solver={solver} nfe={run.nfe} -> {outdir / 'grid.png' if args.grid else outdir}")
+    return 0
+
+
+def _cmd_benchmark(args) -> int:
+    from .benchmark import BenchConfig, main
+
+    cfg = BenchConfig(
+        backbone=args.backbone, backbone_options=_backbone_options(args), solvers=args.solvers,
+        schedules=args.schedules, nfes=args.nfes, tables=args.tables, num_samples=args.num_samples,
+        seed_sets=args.seed_sets, batch_size=args.batch, reference_steps=args.reference_steps,
+    )
+    print(main(cfg, Path(args.outdir), progress=not args.no_progress))
+    print(f"wrote {Path(args.outdir) / 'benchmark.csv'} and {Path(args.outdir) / 'benchmark.md'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    solvers = [*BASELINES, "epd", "epd_plugin"]
+
+    p = sub.add_parser("sample", help="generate images with a baseline solver or an EPD table")
+    _add_backbone_args(p)
+    p.add_argument("--solver", choices=solvers, default="epd",
+                   help="solver (default epd: a hand-set table unless --table is given)")
+    p.add_argument("--nfe", type=int, default=5, help="denoiser calls per sample (ignored with --table)")
+    p.add_argument("--table", help="EPD table (NAME.json / NAME.safetensors); fixes grid and NFE")
+    p.add_argument("--num-points", type=int, default=2, help="K for a hand-set EPD table")
+    p.add_argument("--schedule", choices=sorted(schedules.SCHEDULES), default="polynomial")
+    p.add_argument("--rho", type=float, default=7.0, help="polynomial schedule exponent")
+    p.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,9")
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument("--labels", help="comma-separated class labels, cycled over the seeds")
+    cond.add_argument("--prompt", help='one prompt for all seeds, e.g. "a handwritten 3"')
+    cond.add_argument("--prompt-file", help="prompts, .txt (one per line) or .csv with a text column")
+    p.add_argument("--batch", type=int, default=64, help="samples per batch")
+    p.add_argument("--outdir", default="outputs/samples")
+    p.add_argument("--grid", action="store_true", help="write one grid.png instead of one PNG per seed")
+    p.add_argument("--subdirs", action=argparse.BooleanOptionalAction, default=True,
+                   help="group PNGs in folders of 1000 seeds (default on)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_sample)
+
+    from .benchmark import BenchConfig
+
+    bench = BenchConfig()  # the one place the benchmark's defaults live
+    p = sub.add_parser("benchmark", help="every solver x grid x NFE against the exact ODE on an embedded backbone")
+    _add_backbone_args(p)
+    p.add_argument("--solvers", nargs="+", choices=solvers, default=bench.solvers)
+    p.add_argument("--schedules", nargs="+", choices=sorted(schedules.SCHEDULES), default=bench.schedules)
+    p.add_argument("--nfes", nargs="+", type=int, default=bench.nfes)
+    p.add_argument("--tables", nargs="*", default=[], help="extra EPD tables to measure beside the solvers")
+    p.add_argument("--num-samples", type=int, default=bench.num_samples, help="samples per seed set")
+    p.add_argument("--seed-sets", type=int, default=bench.seed_sets,
+                   help="disjoint seed sets (their spread is the noise)")
+    p.add_argument("--reference-steps", type=int, default=bench.reference_steps,
+                   help="steps of the exact-ODE reference solver")
+    p.add_argument("--batch", type=int, default=bench.batch_size)
+    p.add_argument("--outdir", default="outputs/benchmark")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # TableError is a ValueError
+        print(f"epd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Sampling: seeds → images with any solver (baseline at an NFE, or an EPD table), saved as PNGs or one grid."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .backbones import Backbone
+from .solvers.plan import Configured
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """``"0-63"``, ``"1,5,9"`` or ``"0-3,10,20-21"`` → a list of seeds in the given order (ranges inclusive)."""
+    seeds: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                a, b = int(lo), int(hi)
+                if b < a:
+                    raise ValueError
+                seeds.extend(range(a, b + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise ValueError(f"bad seed spec {part!r} in {spec!r}; use e.g. '0-63' or '1,5,9'") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"seed spec {spec!r} must name at least one seed, none negative")
+    return seeds
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a .txt file (one per line) or a .csv with a ``text`` column."""
+    p = Path(path)
+    if p.suffix == ".csv":
+        import csv
+
+        with p.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "text" not in reader.fieldnames:
+                raise ValueError(f"{p}: a prompt CSV needs a 'text' column, found {reader.fieldnames}")
+            return [row["text"] for row in reader]
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+
+
+def generate(
+    backbone: Backbone,
+    solver: Configured,
+    seeds: Sequence[int],
+    *,
+    labels: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield ``(seeds, uint8 images)`` per batch. Labels/prompts are cycled over the seeds, so seed i gets the
+    (i mod len)-th one; a sample depends only on its seed, its label/prompt and the solver, not on the batching."""
+    if labels is not None and prompts is not None:
+        raise ValueError("give labels or prompts, not both")
+    conds = labels if labels is not None else prompts
+    if conds is not None and len(conds) == 0:
+        raise ValueError("empty label/prompt list")
+    batches = range(0, len(seeds), batch_size)
+    for start in tqdm(batches, desc=f"sample {solver.name} nfe={solver.nfe}", unit="batch", disable=not progress):
+        batch = list(seeds[start:start + batch_size])
+        picked = None if conds is None else [conds[(start + j) % len(conds)] for j in range(len(batch))]
+        cond = (backbone.encode(labels=picked) if labels is not None
+                else backbone.encode(prompts=picked) if prompts is not None else None)
+        with torch.no_grad():
+            x = solver(backbone, backbone.noise(batch), cond)
+        yield batch, backbone.decode(x)
+
+
+def _to_pil(img: torch.Tensor) -> Image.Image:
+    arr = img.numpy()
+    if arr.ndim == 3:  # [C, H, W] → [H, W, C]
+        arr = np.moveaxis(arr, 0, -1)
+    return Image.fromarray(arr)
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_pngs(images: torch.Tensor, seeds: Sequence[int], outdir: Path, subdirs: bool = True) -> None:
+    """One PNG per seed, ``outdir/000000/000123.png`` (1000 seeds per subfolder) or flat."""
+    for img, seed in zip(images, seeds):
+        folder = outdir / f"{seed - seed % 1000:06d}" if subdirs else outdir
+        folder.mkdir(parents=True, exist_ok=True)
+        _save_png(_to_pil(img), folder / f"{seed:06d}.png")
+
+
+def save_grid(images: torch.Tensor, path: Path, zoom: int = 4) -> None:
+    """All images tiled in a near-square grid (nearest-neighbour zoom keeps small digits legible)."""
+    n = len(images)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    tiles = [_to_pil(img) for img in images]
+    w, h = tiles[0].size
+    grid = Image.new(tiles[0].mode, (cols * w, rows * h))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % cols) * w, (i // cols) * h))
+    if zoom > 1:
+        grid = grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_png(grid, path)

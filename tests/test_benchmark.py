@@ -1,0 +1,56 @@
+"""The solver benchmark's pieces: Fréchet distance, the exact reference, and a tiny end-to-end run."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from epd.backbones import load_backbone
+from epd.benchmark import BenchConfig, main, nearest_component, reference_solution
+from epd.metrics import frechet_distance, gaussian_stats
+
+
+def test_frechet_matches_closed_form():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    c1, c2 = a @ a.T + 0.1 * np.eye(6), b @ b.T
+    m1, m2 = rng.normal(size=6), rng.normal(size=6)
+    expected = ((m1 - m2) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
+    assert frechet_distance(m1, c1, m2, c2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_singular_covariance_and_self_distance():
+    g = load_backbone("gmm-digits")
+    stats = gaussian_stats(g.components)
+    assert np.linalg.matrix_rank(stats[1]) < stats[1].shape[0]  # always-dark border pixels
+    assert abs(frechet_distance(*stats, *stats)) < 1e-6 * np.trace(stats[1])
+    noise = gaussian_stats(torch.randn(2000, 64, generator=torch.Generator().manual_seed(0)))
+    assert frechet_distance(*noise, *stats) > 10
+
+
+def test_reference_is_converged():
+    """The exact-ODE reference changes by far less than any solver error when its steps double."""
+    g = load_backbone("gmm-digits")
+    x = g.noise(range(64), dtype=torch.float64)
+    coarse, _ = reference_solution(g, x, 256, 64)
+    fine, at_zero = reference_solution(g, x, 512, 64)
+    assert float(((coarse - fine) ** 2).mean().sqrt()) < 1e-3
+    assert torch.equal(nearest_component(g, coarse), nearest_component(g, fine))
+    assert float(((fine - at_zero) ** 2).mean().sqrt()) < 1e-3
+
+
+def test_tiny_benchmark_run(tmp_path):
+    cfg = BenchConfig(solvers=["euler", "dpmpp_2m", "epd"], schedules=["logsnr"], nfes=[3, 9], num_samples=200,
+                      reference_steps=64, batch_size=200)
+    report = main(cfg, tmp_path, progress=False)
+    rows = list(csv.DictReader((tmp_path / "benchmark.csv").open()))
+    assert len(rows) == 3 * 2 * 2
+    for r in rows:
+        assert int(r["measured_nfe"]) == int(r["nfe"])
+        assert 0 <= float(r["agree"]) <= 1 and 0 <= float(r["overhead"]) < 1
+    by = {(r["solver"], int(r["nfe"]), int(r["seed_set"])): r for r in rows}
+    for solver in ("euler", "dpmpp_2m", "epd"):  # more NFE, closer to the exact solution
+        assert float(by[(solver, 9, 0)]["rms"]) < float(by[(solver, 3, 0)]["rms"])
+    assert "NFE 3" in report and "dpmpp_2m@logsnr" in report
+    assert (tmp_path / "benchmark.md").read_text() == report
