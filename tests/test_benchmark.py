@@ -54,3 +54,15 @@ def test_tiny_benchmark_run(tmp_path):
         assert float(by[(solver, 9, 0)]["rms"]) < float(by[(solver, 3, 0)]["rms"])
     assert "NFE 3" in report and "dpmpp_2m@logsnr" in report
     assert (tmp_path / "benchmark.md").read_text() == report
+
+
+def test_data_stats_are_the_mixture():
+    """Direct samples of the mixture sit at FD ≈ sampling noise from data_stats; bare digit centres do not."""
+    g = load_backbone("gmm-digits")
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(len(g.components), (20000,), generator=gen)
+    samples = g.components[idx] + 0.1 * torch.randn(20000, 64, generator=gen, dtype=torch.float64)
+    fd_mixture = frechet_distance(*gaussian_stats(samples), *g.data_stats())
+    fd_centres = frechet_distance(*gaussian_stats(g.components), *g.data_stats())
+    assert fd_mixture < 0.05
+    assert fd_centres > 5 * fd_mixture

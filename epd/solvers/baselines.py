@@ -89,15 +89,19 @@ def sample_dpmpp_2m(
 def sample_dpmpp_3m(
     denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: Cond = None,
     callback: Callback | None = None, afs: bool = False, lower_order_final: bool = True,
+    corrected: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++(3M), data prediction (Lu et al. 2022, App. B; k-diffusion's 3M with η = 0).
 
-    ``lower_order_final`` as in :func:`sample_dpmpp_2m`.
+    ``lower_order_final`` as in :func:`sample_dpmpp_2m`. By default this is the update of diffusers, k-diffusion
+    and the DPM-Solver reference code, whose second-difference term carries half its Taylor coefficient
+    (D2 ≈ h²·D''/2, but the exact term is 2·φ₃·D2), so it converges at order 2 (tests/test_convergence.py).
+    ``corrected=True`` doubles that term and is third order.
     """
-    return _dpmpp_multistep(denoiser, x, sigmas, 3, cond, callback, afs, lower_order_final)
+    return _dpmpp_multistep(denoiser, x, sigmas, 3, cond, callback, afs, lower_order_final, 2.0 if corrected else 1.0)
 
 
-def _dpmpp_multistep(denoiser, x, sigmas, order, cond, callback, afs, lower_order_final):
+def _dpmpp_multistep(denoiser, x, sigmas, order, cond, callback, afs, lower_order_final, d2_factor=1.0):
     sigmas = prepare(x, sigmas)
     steps = len(sigmas) - 1
     history: list[torch.Tensor] = []  # past D outputs, newest last
@@ -126,7 +130,7 @@ def _dpmpp_multistep(denoiser, x, sigmas, order, cond, callback, afs, lower_orde
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 phi_2 = phi_1 / h + 1
                 phi_3 = (phi_1 + h) / h**2 - 0.5
-                x = (sigma_next / sigma) * x - phi_1 * denoised + phi_2 * d1 - phi_3 * d2
+                x = (sigma_next / sigma) * x - phi_1 * denoised + phi_2 * d1 - d2_factor * phi_3 * d2
         notify(callback, i, x, sigma, sigma_next, denoised)
     return x
 
