@@ -67,6 +67,32 @@ def _cmd_benchmark(args) -> int:
     return 0
 
 
+def _cmd_teacher(args) -> int:
+    from .solvers.plan import plan_for_nfe
+    from .teacher import TeacherConfig, write_teacher
+
+    num_steps = args.num_steps or plan_for_nfe("epd", args.nfe).num_steps
+    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    cfg = TeacherConfig(backbone=args.backbone, backbone_options=_backbone_options(args), schedule=args.schedule,
+                        num_steps=num_steps, rho=args.rho, solver=args.solver, inserted_steps=args.inserted_steps,
+                        seeds=args.seeds, labels=labels, batch_size=args.batch, shard_size=args.shard_size)
+    wrote = write_teacher(cfg, args.out, progress=not args.no_progress)
+    print(f"{'wrote' if wrote else 'up to date, nothing written:'} {args.out} (config {cfg.hash})")
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    from .distill import DistillConfig, distill
+
+    cfg = DistillConfig(nfe=args.nfe, num_points=args.num_points, plugin=args.plugin, iterations=args.iterations,
+                        batch_size=args.batch, lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                        scale_bound=args.scale_bound, final_weight=args.final_weight)
+    expect = {k: v for k, v in (("backbone", args.backbone), ("schedule", args.schedule)) if v is not None}
+    table = distill(args.teacher, args.out, cfg, expect=expect, progress=not args.no_progress)
+    print(f"wrote {args.out}.json (nfe={table.meta.nfe}, K={table.meta.num_points}, plugin={table.meta.plugin})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,8 +121,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sample)
 
     from .benchmark import BenchConfig
+    from .distill import DistillConfig
+    from .teacher import TEACHERS, TeacherConfig
 
-    bench = BenchConfig()  # the one place the benchmark's defaults live
+    # Defaults come from the config dataclasses, the one place each lives.
+    bench, teacher, dist = BenchConfig(), TeacherConfig(), DistillConfig()
+
+    p = sub.add_parser("teacher", help="write an accurate solver's states at the student grid (safetensors shards)")
+    _add_backbone_args(p)
+    p.add_argument("--out", required=True, help="output directory (manifest.json + shard-*.safetensors)")
+    p.add_argument("--schedule", choices=sorted(schedules.SCHEDULES), default=teacher.schedule)
+    grid = p.add_mutually_exclusive_group()
+    grid.add_argument("--nfe", type=int, default=5, help="student NFE; fixes the grid length as EPD spends it")
+    grid.add_argument("--num-steps", type=int, help="student grid points (instead of --nfe)")
+    p.add_argument("--rho", type=float, default=teacher.rho)
+    p.add_argument("--solver", choices=sorted(TEACHERS), default=teacher.solver)
+    p.add_argument("--inserted-steps", type=int, default=teacher.inserted_steps,
+                   help="M teacher steps inserted in each student interval")
+    p.add_argument("--seeds", default=teacher.seeds, help="training seeds (keep them apart from evaluation seeds)")
+    p.add_argument("--labels", help="comma-separated labels cycled over the seeds (default unconditional)")
+    p.add_argument("--batch", type=int, default=teacher.batch_size)
+    p.add_argument("--shard-size", type=int, default=teacher.shard_size)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_teacher)
+
+    p = sub.add_parser("distill", help="fit an EPD table to teacher trajectories")
+    p.add_argument("--teacher", required=True, help="teacher directory written by `epd teacher`")
+    p.add_argument("--out", required=True, help="table path stem: writes OUT.json/.safetensors/.loss.csv/.loss.png")
+    p.add_argument("--nfe", type=int, default=dist.nfe)
+    p.add_argument("--num-points", type=int, default=dist.num_points, help="K")
+    p.add_argument("--plugin", action="store_true", help="EPD-Plugin (iPNDM direction for the K points)")
+    p.add_argument("--iterations", type=int, default=dist.iterations)
+    p.add_argument("--batch", type=int, default=dist.batch_size)
+    p.add_argument("--lr", type=float, default=dist.lr)
+    p.add_argument("--scale-bound", type=float, default=dist.scale_bound)
+    p.add_argument("--final-weight", type=float, default=dist.final_weight)
+    p.add_argument("--seed", type=int, default=dist.seed)
+    p.add_argument("--checkpoint-every", type=int, default=dist.checkpoint_every)
+    p.add_argument("--backbone", help="refuse a teacher made for another backbone")
+    p.add_argument("--schedule", help="refuse a teacher made on another schedule")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_distill)
     p = sub.add_parser("benchmark", help="every solver x grid x NFE against the exact ODE on an embedded backbone")
     _add_backbone_args(p)
     p.add_argument("--solvers", nargs="+", choices=solvers, default=bench.solvers)

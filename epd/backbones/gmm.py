@@ -7,8 +7,8 @@ label (or over all of them). For x = y + σ·ε the posterior mean is closed-for
     w_i(x, σ) ∝ π_i · exp(−|x − μ_i|² / (2(s² + σ²)))
     D(x, σ)  = (σ² · Σ_i w_i μ_i + s² · x) / (s² + σ²)
 
-so every solver can be measured against the exact ODE without training anything. Logits are computed in float64:
-near σ_min a float32 |x − μ|² loses the digits that pick the nearest component.
+so every solver can be measured against the exact ODE without training anything. Logits are computed in x's own
+precision (at least float32) without forming |x|², which cancels in the softmax.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class GMMDigits(Backbone):
         self.shape = (1, resolution, resolution)
         self.guidance = float(guidance)
         self.chunk_rows = chunk_rows
-        self._sq_norms = (self.components**2).sum(1)
+        self._cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if cond is None or self.guidance == 1.0:
@@ -85,12 +85,24 @@ class GMMDigits(Backbone):
         w = torch.where(cond >= 0, self.guidance, 1.0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
         return d_u + w * (d_c - d_u)
 
+    def _components(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Components and their half squared norms in ``dtype`` (cached: the conversion is per call otherwise)."""
+        if dtype not in self._cache:
+            comps = self.components.to(dtype)
+            self._cache[dtype] = (comps, 0.5 * (comps**2).sum(1))
+        return self._cache[dtype]
+
     def responsibilities(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None):
-        """Posterior component weights w_i(x, σ), [B, M] float64."""
-        flat = x.reshape(x.shape[0], -1).double()
-        var = self.component_var + sigma.double().reshape(-1, 1) ** 2
-        sq = (flat**2).sum(1, keepdim=True) - 2 * flat @ self.components.T + self._sq_norms
-        logits = -sq / (2 * var)
+        """Posterior component weights w_i(x, σ), [B, M], in x's precision (at least float32).
+
+        |x − μ_i|² = |x|² − 2 x·μ_i + |μ_i|²; the |x|² term is the same for every component and cancels in the
+        softmax, so the logits are (x·μ_i − |μ_i|²/2) / (s² + σ²): one matrix product, no cancellation of |x|².
+        """
+        flat = x.reshape(x.shape[0], -1)
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+        comps, half_sq = self._components(flat.dtype)
+        var = self.component_var + sigma.to(flat.dtype).reshape(-1, 1) ** 2
+        logits = torch.addmm(-half_sq, flat, comps.T) / var
         if labels is not None:
             mask = (labels.reshape(-1, 1) >= 0) & (labels.reshape(-1, 1) != self.component_labels)
             logits = logits.masked_fill(mask, float("-inf"))
@@ -106,8 +118,9 @@ class GMMDigits(Backbone):
             sl = slice(s, s + self.chunk_rows)
             xs, sig = x[sl], sigma[sl]
             w = self.responsibilities(xs, sig, None if labels is None else labels[sl])
-            s2, v = self.component_var, sig.double().reshape(-1, 1) ** 2
-            mean = (v * (w @ self.components) + s2 * xs.reshape(xs.shape[0], -1).double()) / (s2 + v)
+            flat = xs.reshape(xs.shape[0], -1).to(w.dtype)
+            s2, v = self.component_var, sig.to(w.dtype).reshape(-1, 1) ** 2
+            mean = (v * (w @ self._components(w.dtype)[0]) + s2 * flat) / (s2 + v)
             out.append(mean.to(x.dtype).reshape(xs.shape))
         return torch.cat(out)
 

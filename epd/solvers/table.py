@@ -21,6 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .. import schedules
+from ..io import atomic_write, looks_like_pickle
 
 FORMAT = "epd-solver-table"
 FORMAT_VERSION = 1
@@ -184,14 +185,12 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def save_table(table: SolverTable, path: str | os.PathLike, provenance: dict[str, Any] | None = None) -> Path:
+    """Write ``PATH.safetensors`` and ``PATH.json`` (each to a temporary name, then renamed); returns the JSON path.
 
-
-def save_table(table: SolverTable, path: str | os.PathLike) -> Path:
-    """Write ``PATH.safetensors`` and ``PATH.json`` (each to a temporary name, then renamed); returns the JSON path."""
+    ``provenance`` (how the table was made: config, teacher, final loss…) is stored in the JSON for people and
+    tools; loading ignores it.
+    """
     table.validate()
     st_path, json_path = _paths(path)
     st_path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,13 +202,15 @@ def save_table(table: SolverTable, path: str | os.PathLike) -> Path:
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
         "meta": table.meta.to_json(),
     }
-    _atomic_write(st_path, blob)
-    _atomic_write(json_path, (json.dumps(header, indent=2) + "\n").encode())
+    if provenance is not None:
+        header["provenance"] = provenance
+    atomic_write(st_path, blob)
+    atomic_write(json_path, (json.dumps(header, indent=2) + "\n").encode())
     return json_path
 
 
 def _refuse_pickle(path: Path, head: bytes) -> None:
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04" or path.suffix in (".pkl", ".pickle", ".pt", ".pth"):
+    if looks_like_pickle(path, head):
         raise TableError(
             f"{path} looks like a pickle (torch.save / pickle.dump) file. epd never unpickles: loading a pickle runs "
             "arbitrary code. Tables are NAME.safetensors + NAME.json; re-export the table with epd.solvers.save_table."

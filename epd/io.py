@@ -1,0 +1,119 @@
+"""Safe artifact I/O shared by every stage: atomic writes, checksums, pickle detection, and trained-weight files.
+
+A weight file is two files side by side, like a solver table: ``NAME.safetensors`` (the tensors) and ``NAME.json``
+(``format``, ``kind`` — which network it is —, the architecture ``config`` that fixes every tensor's shape, the
+SHA-256 of the tensor file, and free-form provenance: training config, data split, metrics). Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+WEIGHTS_FORMAT = "epd-weights"
+WEIGHTS_FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin")
+
+
+class WeightsError(ValueError):
+    """A weight file is missing, corrupt, or not the network it is loaded as."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a hidden temporary name in the same folder, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def looks_like_pickle(path: Path, head: bytes) -> bool:
+    """A pickle stream (protocol ≥ 2 starts with 0x80), a torch.save zip, or a pickle suffix."""
+    return head[:1] == b"\x80" or head[:4] == b"PK\x03\x04" or path.suffix in PICKLE_SUFFIXES
+
+
+def weight_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``X``, ``X.json`` or ``X.safetensors`` → (``X.safetensors``, ``X.json``)."""
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, kind: str, config: dict[str, Any],
+                 provenance: dict[str, Any] | None = None) -> Path:
+    """Write ``PATH.safetensors`` + ``PATH.json`` (each atomically); returns the JSON path."""
+    st_path, json_path = weight_paths(path)
+    st_path.parent.mkdir(parents=True, exist_ok=True)
+    blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    header = {"format": WEIGHTS_FORMAT, "format_version": WEIGHTS_FORMAT_VERSION, "kind": kind,
+              "tensors_file": st_path.name, "tensors_sha256": sha256(blob), "config": config,
+              "provenance": provenance or {}}
+    atomic_write(st_path, blob)
+    atomic_write(json_path, (json.dumps(header, indent=2) + "\n").encode())
+    return json_path
+
+
+def load_weights(path: str | os.PathLike, *, kind: str, make: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a weight file written by :func:`save_weights` for network ``kind``; returns (tensors, JSON header).
+
+    ``make`` is the command that writes the file, quoted when it is missing. Shapes against ``config`` are the
+    caller's check (only the network knows them).
+    """
+    st_path, json_path = weight_paths(path)
+    for f in (json_path, st_path):
+        if not f.is_file():
+            raise WeightsError(f"weights file missing: {f}. Make it with `{make}`.")
+    for f in (json_path, st_path):
+        if looks_like_pickle(f, f.read_bytes()[:8]):
+            raise WeightsError(f"{f} is a pickle (torch.save / pickle.dump). epd never unpickles: loading a pickle "
+                               f"runs arbitrary code. Weights are NAME.safetensors + NAME.json; `{make}` writes them.")
+    try:
+        header = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{json_path} is not valid JSON (truncated or corrupt?): {e}") from None
+    if not isinstance(header, dict) or header.get("format") != WEIGHTS_FORMAT:
+        raise WeightsError(f"{json_path} is not an epd weight file (format != {WEIGHTS_FORMAT!r})")
+    if header.get("format_version") != WEIGHTS_FORMAT_VERSION:
+        raise WeightsError(f"{json_path}: unsupported format_version {header.get('format_version')!r}")
+    if header.get("kind") != kind:
+        raise WeightsError(f"{json_path} holds weights of a {header.get('kind')!r} network, not {kind!r}: "
+                           f"wrong file for this model (`{make}` writes the right one)")
+    if not isinstance(header.get("config"), dict):
+        raise WeightsError(f"{json_path} lacks the architecture config")
+    blob = st_path.read_bytes()
+    if sha256(blob) != header.get("tensors_sha256"):
+        raise WeightsError(f"{st_path} does not match the checksum in {json_path.name} (truncated, corrupt or "
+                           f"replaced); rewrite both with `{make}`")
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError) as e:
+        raise WeightsError(f"{st_path} is not a readable safetensors file: {e}") from None
+    return tensors, header
+
+
+def check_state_dict(tensors: dict[str, torch.Tensor], module: torch.nn.Module, source: Path) -> None:
+    """Names and shapes of ``tensors`` must be exactly the module's state dict (built from the JSON config)."""
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in tensors.items()}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        raise WeightsError(f"{source}: tensors do not match the architecture in its JSON config: missing "
+                           f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
+                           f"{extra[:5]}{'…' if len(extra) > 5 else ''}")
+    wrong = [f"{k} {have[k]} != {want[k]}" for k in want if have[k] != want[k]]
+    if wrong:
+        raise WeightsError(f"{source}: tensor shapes do not match the architecture in its JSON config: "
+                           f"{'; '.join(wrong[:3])}")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(f"{source}: tensors {bad[:5]} contain NaN or inf")

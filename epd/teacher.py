@@ -1,0 +1,206 @@
+"""Teacher trajectories: an accurate solver's states at the student's grid points, streamed to safetensors shards.
+
+The teacher (DPM-Solver-2 or Heun) takes ``inserted_steps`` M extra steps inside every student interval, spaced
+uniformly in log σ, and records the state each time it reaches a student grid point. A directory holds
+``shard-00000.safetensors …`` (``states`` [n, N, C, H, W], ``seeds`` [n], ``labels`` [n]) and ``manifest.json``
+(the resolved config, its hash, the grid, the shards with their SHA-256). Memory stays bounded by one shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from tqdm import tqdm
+
+from . import schedules
+from .backbones import Backbone, load_backbone
+from .io import sha256
+from .sample import parse_seeds
+from .solvers import sample_dpm2, sample_heun
+
+FORMAT = "epd-teacher"
+TEACHERS = {"dpm2": sample_dpm2, "heun": sample_heun}
+
+
+class TeacherError(ValueError):
+    """A teacher directory is missing, corrupt, or made for another backbone, grid or config."""
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    backbone: str = "gmm-digits"
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    schedule: str = "polynomial"      # the student grid
+    num_steps: int = 4
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    solver: str = "dpm2"
+    inserted_steps: int = 3           # M extra teacher steps per student interval
+    seeds: str = "100000-109999"      # training seeds; the benchmark's held-out seeds are 0-19999
+    labels: list[int] | None = None   # cycled over the seeds; None = unconditional
+    batch_size: int = 1000
+    shard_size: int = 5000
+
+    def __post_init__(self):
+        if self.solver not in TEACHERS:
+            raise ValueError(f"teacher.solver must be one of {sorted(TEACHERS)}, got {self.solver!r}")
+        if self.inserted_steps < 0:
+            raise ValueError(f"teacher.inserted_steps must be >= 0, got {self.inserted_steps}")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise ValueError("teacher.batch_size and teacher.shard_size must be >= 1")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def hash(self) -> str:
+        """Hash of everything that determines the states (batch and shard sizes do not)."""
+        key = {k: v for k, v in self.to_json().items() if k not in ("batch_size", "shard_size")}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def student_sigmas(self) -> torch.Tensor:
+        return schedules.get_sigmas(self.schedule, self.num_steps, self.sigma_min, self.sigma_max, self.rho)
+
+
+def teacher_grid(student: torch.Tensor, inserted_steps: int) -> tuple[torch.Tensor, list[int]]:
+    """The fine grid (M points inserted log-uniformly in each interval) and where the student points sit in it."""
+    pieces, where = [student[:1]], [0]
+    for s, s_next in zip(student[:-1], student[1:]):
+        sub = torch.linspace(math.log(s), math.log(s_next), inserted_steps + 2, dtype=torch.float64).exp()[1:]
+        sub[-1] = s_next  # keep the student points exact
+        pieces.append(sub)
+        where.append(where[-1] + inserted_steps + 1)
+    return torch.cat(pieces), where
+
+
+def run_teacher(backbone: Backbone, cfg: TeacherConfig, x: torch.Tensor, cond) -> torch.Tensor:
+    """States [B, N, ...] at the student grid points, starting from x at σ_max (included as state 0)."""
+    fine, where = teacher_grid(cfg.student_sigmas(), cfg.inserted_steps)
+    states = [x]
+    keep = set(where[1:])
+
+    def record(info):
+        if info["i"] + 1 in keep:
+            states.append(info["x"])
+
+    with torch.no_grad():
+        TEACHERS[cfg.solver](backbone, x, fine, cond=cond, callback=record)
+    return torch.stack(states, dim=1)
+
+
+def write_teacher(cfg: TeacherConfig, out: str | os.PathLike, progress: bool = True) -> bool:
+    """Write the teacher directory; returns False (and writes nothing) if it is already there for this config."""
+    out = Path(out)
+    if _up_to_date(out, cfg):
+        return False
+    backbone = load_backbone(cfg.backbone, **cfg.backbone_options)
+    seeds = parse_seeds(cfg.seeds)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards, buffer = [], {"states": [], "seeds": [], "labels": []}
+
+    def flush():
+        if not buffer["seeds"]:
+            return
+        blob = st_save({k: torch.cat(v).contiguous() for k, v in buffer.items()})
+        name = f"shard-{len(shards):05d}.safetensors"
+        (tmp / name).write_bytes(blob)
+        shards.append({"file": name, "count": sum(len(s) for s in buffer["seeds"]), "sha256": sha256(blob)})
+        for v in buffer.values():
+            v.clear()
+
+    try:
+        for start in tqdm(range(0, len(seeds), cfg.batch_size), desc="teacher", unit="batch", disable=not progress):
+            batch = seeds[start:start + cfg.batch_size]
+            labels = (torch.full((len(batch),), -1, dtype=torch.long) if cfg.labels is None else
+                      torch.tensor([cfg.labels[(start + j) % len(cfg.labels)] for j in range(len(batch))]))
+            cond = None if cfg.labels is None else labels
+            states = run_teacher(backbone, cfg, backbone.noise(batch, dtype=torch.float64), cond)
+            buffer["states"].append(states.float())
+            buffer["seeds"].append(torch.tensor(batch, dtype=torch.long))
+            buffer["labels"].append(labels)
+            if sum(len(s) for s in buffer["seeds"]) >= cfg.shard_size:
+                flush()
+        flush()
+        manifest = {
+            "format": FORMAT, "config": cfg.to_json(), "config_hash": cfg.hash, "backbone": backbone.name,
+            "sigmas": cfg.student_sigmas().tolist(), "num_samples": len(seeds), "shards": shards,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        # Swap the finished directory in; an older one is removed only after the new one is in place.
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return True
+
+
+def _up_to_date(out: Path, cfg: TeacherConfig) -> bool:
+    try:
+        load_manifest(out, expect_hash=cfg.hash)
+        return True
+    except TeacherError:
+        return False
+
+
+def load_manifest(path: str | os.PathLike, expect_hash: str | None = None) -> dict[str, Any]:
+    """Read and check a teacher directory's manifest and shard checksums (not the tensors themselves)."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        raise TeacherError(f"teacher missing: {manifest_path} does not exist (run `epd teacher` first)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TeacherError(f"{manifest_path} is corrupt: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise TeacherError(f"{manifest_path} is not an epd teacher manifest")
+    if expect_hash is not None and manifest.get("config_hash") != expect_hash:
+        raise TeacherError(f"{path} was made for another teacher config (hash {manifest.get('config_hash')})")
+    for shard in manifest.get("shards", []):
+        f = path / shard["file"]
+        if not f.exists():
+            raise TeacherError(f"teacher shard missing: {f}")
+        if sha256(f.read_bytes()) != shard["sha256"]:
+            raise TeacherError(f"teacher shard corrupt: {f} does not match its checksum in manifest.json")
+    return manifest
+
+
+def load_teacher(path: str | os.PathLike, expect: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """All states, seeds and labels of a teacher directory, after checking it fits ``expect``.
+
+    ``expect`` holds config values the caller relies on, e.g. ``{"backbone": "gmm-digits", "num_steps": 4,
+    "schedule": "logsnr"}``; each difference is named in the error.
+    """
+    manifest = load_manifest(path)
+    config = manifest["config"]
+    wrong = [f"{k}: teacher has {config.get(k)!r}, expected {v!r}" for k, v in (expect or {}).items()
+             if config.get(k) != v]
+    if wrong:
+        raise TeacherError(f"teacher {path} does not match: " + "; ".join(wrong))
+    parts: dict[str, list[torch.Tensor]] = {"states": [], "seeds": [], "labels": []}
+    for shard in manifest["shards"]:
+        tensors = st_load((Path(path) / shard["file"]).read_bytes())
+        for k in parts:
+            parts[k].append(tensors[k])
+    data = {k: torch.cat(v) for k, v in parts.items()}
+    if data["states"].shape[1] != config["num_steps"]:
+        raise TeacherError(f"teacher {path}: states hold {data['states'].shape[1]} grid points, "
+                           f"config says num_steps={config['num_steps']}")
+    return data

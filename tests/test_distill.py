@@ -1,0 +1,137 @@
+"""Stage 1: teacher trajectories and distillation, on configs small enough to run in seconds."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from epd.backbones import load_backbone
+from epd.distill import DistillConfig, distill
+from epd.solvers import handset_table, load_table, sample_epd
+from epd.teacher import TeacherConfig, TeacherError, load_teacher, run_teacher, write_teacher
+
+TEACHER = TeacherConfig(schedule="logsnr", num_steps=3, inserted_steps=3, seeds="1000-1255", batch_size=128,
+                        shard_size=100)
+SMALL = DistillConfig(nfe=3, iterations=60, batch_size=64, lr=0.05, checkpoint_every=10)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "t"
+    assert write_teacher(TEACHER, out, progress=False)
+    return out
+
+
+def test_teacher_layout_and_rerun(teacher_dir):
+    manifest = json.loads((teacher_dir / "manifest.json").read_text())
+    assert [s["count"] for s in manifest["shards"]] == [128, 128]  # shards close on batch boundaries
+    data = load_teacher(teacher_dir)
+    assert data["states"].shape == (256, 3, 1, 8, 8)
+    assert data["seeds"].tolist() == list(range(1000, 1256))
+    g = load_backbone("gmm-digits")
+    assert torch.allclose(data["states"][:, 0].double(), g.noise(range(1000, 1256), dtype=torch.float64).float().double())
+    # A second run with the same config writes nothing.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in teacher_dir.iterdir()}
+    assert not write_teacher(TEACHER, teacher_dir, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in teacher_dir.iterdir()} == mtimes
+
+
+def test_teacher_changed_config_writes_anew(tmp_path):
+    out = tmp_path / "t"
+    small = TeacherConfig(num_steps=3, inserted_steps=1, seeds="0-9", batch_size=10)
+    assert write_teacher(small, out, progress=False)
+    first = json.loads((out / "manifest.json").read_text())["config_hash"]
+    changed = TeacherConfig(num_steps=3, inserted_steps=1, seeds="0-19", batch_size=10)
+    assert write_teacher(changed, out, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config_hash"] != first and manifest["num_samples"] == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"], "temporary directories left behind"
+
+
+def test_teacher_is_accurate():
+    """The teacher's final states are close to a much finer solve from the same noise."""
+    g = load_backbone("gmm-digits")
+    x = g.noise(range(32), dtype=torch.float64)
+    coarse = run_teacher(g, TeacherConfig(schedule="logsnr", num_steps=4, inserted_steps=15), x, None)
+    fine = run_teacher(g, TeacherConfig(schedule="logsnr", num_steps=4, inserted_steps=63), x, None)
+    assert float(((coarse - fine) ** 2).mean().sqrt()) < 0.05
+
+
+def test_distill_loss_falls_and_beats_handset(teacher_dir, tmp_path):
+    table = distill(teacher_dir, tmp_path / "epd", SMALL, progress=False)
+    losses = [float(line.split(",")[1]) for line in (tmp_path / "epd.loss.csv").read_text().splitlines()[1:]]
+    assert len(losses) == SMALL.iterations
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    assert (tmp_path / "epd.loss.png").stat().st_size > 0
+    assert not list(tmp_path.glob("*.ckpt*")), "checkpoint left after a finished run"
+    loaded = load_table(tmp_path / "epd.json", expect={"nfe": 3, "schedule": "logsnr", "backbone": "gmm-digits"})
+    assert torch.equal(loaded.positions, table.positions)
+
+    # Held-out seeds: the distilled table follows the teacher better than the hand-set table it started from.
+    g = load_backbone("gmm-digits")
+    held_out = TeacherConfig(**{**TEACHER.to_json(), "seeds": "5000-5255"})
+    x = g.noise(range(5000, 5256), dtype=torch.float64)
+    target = run_teacher(g, held_out, x, None)[:, -1]
+    sigmas = loaded.meta.sigmas()
+    start = handset_table(3, 2, afs=True, schedule="logsnr", backbone="gmm-digits")
+    with torch.no_grad():
+        err = {name: float(((sample_epd(g, x, sigmas, t) - target) ** 2).mean().sqrt())
+               for name, t in (("distilled", loaded), ("handset", start))}
+    assert err["distilled"] < 0.5 * err["handset"], err
+
+
+def test_resume_equals_uninterrupted(teacher_dir, tmp_path):
+    full = distill(teacher_dir, tmp_path / "full", SMALL, progress=False)
+    assert distill(teacher_dir, tmp_path / "cut", SMALL, progress=False, stop_after=25) is None
+    assert (tmp_path / "cut.ckpt.safetensors").exists() and not (tmp_path / "cut.json").exists()
+    resumed = distill(teacher_dir, tmp_path / "cut", SMALL, progress=False)
+    for name, t in full.tensors().items():
+        assert (t - resumed.tensors()[name]).abs().max() <= 1e-6, name
+    assert (tmp_path / "full.loss.csv").read_text() == (tmp_path / "cut.loss.csv").read_text()
+
+
+def test_kill_9_then_resume(teacher_dir, tmp_path):
+    """A real SIGKILL in the middle of `epd distill`; rerunning the same command finishes with the same table."""
+    args = [sys.executable, "-m", "epd.cli", "distill", "--teacher", str(teacher_dir), "--nfe", "3",
+            "--iterations", "400", "--batch", "64", "--lr", "0.05", "--checkpoint-every", "5", "--no-progress"]
+    subprocess.run(args + ["--out", str(tmp_path / "ref")], check=True, capture_output=True)
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "run")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "run.ckpt.json"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (ckpt.exists() and json.loads(ckpt.read_text())["iteration"] >= 20):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run.json").exists(), "the run finished before it could be killed"
+    subprocess.run(args + ["--out", str(tmp_path / "run")], check=True, capture_output=True)
+    ref, run = load_table(tmp_path / "ref.json"), load_table(tmp_path / "run.json")
+    for name, t in ref.tensors().items():
+        assert (t - run.tensors()[name]).abs().max() <= 1e-6, name
+
+
+def test_teacher_refusals_write_nothing(teacher_dir, tmp_path):
+    with pytest.raises(TeacherError, match="teacher missing"):
+        distill(tmp_path / "nowhere", tmp_path / "a", SMALL, progress=False)
+    with pytest.raises(TeacherError, match="schedule: teacher has 'logsnr', expected 'polynomial'"):
+        distill(teacher_dir, tmp_path / "b", SMALL, expect={"schedule": "polynomial"}, progress=False)
+    with pytest.raises(TeacherError, match="backbone"):
+        distill(teacher_dir, tmp_path / "c", SMALL, expect={"backbone": "unet-digits"}, progress=False)
+    with pytest.raises(TeacherError, match="num_steps: teacher has 3, expected 4"):  # grid of another NFE
+        distill(teacher_dir, tmp_path / "d", DistillConfig(nfe=5, iterations=5), progress=False)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in teacher_dir.iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    shard = corrupt / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(TeacherError, match="corrupt"):
+        distill(corrupt, tmp_path / "e", SMALL, progress=False)
+    (corrupt / "manifest.json").write_text("{not json")
+    with pytest.raises(TeacherError, match="corrupt"):
+        distill(corrupt, tmp_path / "f", SMALL, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt"], "a refused run wrote something"
