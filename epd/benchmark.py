@@ -45,7 +45,9 @@ class BenchConfig:
     solvers: list[str] = field(default_factory=lambda: list(DEFAULT_SOLVERS))
     schedules: list[str] = field(default_factory=lambda: list(DEFAULT_SCHEDULES))
     nfes: list[int] = field(default_factory=lambda: [3, 5, 7, 9])
-    tables: list[str] = field(default_factory=list)   # paths of EPD tables (e.g. distilled) measured beside
+    # EPD tables (e.g. distilled) measured beside, as PATH or LABEL=PATH; tables sharing a label form one row per
+    # grid (default label: distilled-epd / distilled-epd-plugin)
+    tables: list[str] = field(default_factory=list)
     num_samples: int = 10_000                          # per seed set
     seed_sets: int = 2
     batch_size: int = 10_000
@@ -98,11 +100,12 @@ def _cells(cfg: BenchConfig, backbone) -> list[tuple[str, str, int, Configured]]
                 run = configure(solver, nfe, schedule=schedule, sigma_min=backbone.sigma_min,
                                 sigma_max=backbone.sigma_max, rho=cfg.rho, backbone=backbone.name)
                 cells.append((solver, schedule, nfe, run))
-    for path in cfg.tables:
-        table = load_table(path)
-        name = Path(path).name.removesuffix(".json").removesuffix(".safetensors")
-        cells.append((name, table.meta.schedule, table.meta.nfe, Configured("epd", table.meta.sigmas(),
-                                                                            table.meta.afs, table)))
+    for spec in cfg.tables:
+        label, path = spec.split("=", 1) if "=" in spec else (None, spec)
+        table = load_table(path, expect={"backbone": backbone.name})
+        label = label or ("distilled-epd-plugin" if table.meta.plugin else "distilled-epd")
+        cells.append((label, table.meta.schedule, table.meta.nfe,
+                      Configured("epd", table.meta.sigmas(), table.meta.afs, table)))
     return cells
 
 

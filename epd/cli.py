@@ -13,12 +13,28 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="gmm-digits", help="backbone name (default: gmm-digits)")
     p.add_argument("--component-std", type=float, default=0.1,
                    help="gmm-digits: isotropic std of each mixture component, in [-1, 1] pixel units")
-    p.add_argument("--resolution", type=int, default=8, help="gmm-digits: image side (multiple of 8)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--resolution", type=int,
+                   help="image side: gmm-digits (multiple of 8, default 8); sd15/sd3 (default: the model's own)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale (1 = none; default 1, sd15 7.5, sd3 4.5)")
+    p.add_argument("--model-path", help="sd15/sd3: diffusers pipeline folder or hub id")
+    p.add_argument("--dtype", help="sd15/sd3: network dtype, e.g. float16 (default float32)")
+    p.add_argument("--device", help="sd15/sd3: device (default cuda if there is one, else cpu)")
+    p.add_argument("--cpu-offload", action="store_true", help="sd15/sd3: keep each network on the CPU until it runs")
+    p.add_argument("--max-batch", type=int, help="sd15/sd3: most rows in one network call (memory)")
+    p.add_argument("--weights", help="unet-digits: weight file (default: data/weights/unet-digits)")
 
 
 def _backbone_options(args) -> dict:
-    return {"component_std": args.component_std, "resolution": args.resolution, "guidance": args.guidance}
+    if args.backbone in ("sd15", "sd3"):
+        given = {"guidance": args.guidance, "resolution": args.resolution}
+        return {"model_path": args.model_path, "dtype": args.dtype, "device": args.device,
+                "cpu_offload": args.cpu_offload, "max_batch": args.max_batch,
+                **{k: v for k, v in given.items() if v is not None}}
+    guidance = 1.0 if args.guidance is None else args.guidance
+    if args.backbone == "unet-digits":
+        return {"guidance": guidance, **({"weights": args.weights} if args.weights else {})}
+    return {"component_std": args.component_std, "resolution": args.resolution or 8, "guidance": guidance}
 
 
 def _cmd_sample(args) -> int:
@@ -29,12 +45,15 @@ def _cmd_sample(args) -> int:
 
     backbone = load_backbone(args.backbone, **_backbone_options(args))
     table = load_table(args.table) if args.table else None
-    solver = "epd" if table is not None else args.solver
-    if table is not None and table.meta.plugin:
-        solver = "epd_plugin"
+    solver = args.solver
+    if table is not None:
+        if table.meta.backbone not in ("", backbone.name):
+            raise ValueError(f"{args.table} was made for backbone {table.meta.backbone!r}, not {backbone.name!r}")
+        solver = "epd_plugin" if table.meta.plugin else "epd"
+    schedule_args = getattr(backbone, "schedule_args", {}) if args.schedule == "flow_match" else {}  # sd3's shift
     run = configure(solver, None if table is not None else args.nfe, schedule=args.schedule,
                     sigma_min=backbone.sigma_min, sigma_max=backbone.sigma_max, rho=args.rho, table=table,
-                    num_points=args.num_points, backbone=backbone.name)
+                    num_points=args.num_points, backbone=backbone.name, schedule_args=schedule_args)
     seeds = parse_seeds(args.seeds)
     labels = [int(v) for v in args.labels.split(",")] if args.labels else None
     prompts = [args.prompt] if args.prompt else read_prompts(args.prompt_file) if args.prompt_file else None
@@ -90,6 +109,22 @@ def _cmd_distill(args) -> int:
     expect = {k: v for k, v in (("backbone", args.backbone), ("schedule", args.schedule)) if v is not None}
     table = distill(args.teacher, args.out, cfg, expect=expect, progress=not args.no_progress)
     print(f"wrote {args.out}.json (nfe={table.meta.nfe}, K={table.meta.num_points}, plugin={table.meta.plugin})")
+    return 0
+
+
+def _cmd_train_backbone(args) -> int:
+    from .data import WEIGHTS_DIR
+    from .train_backbone import ClassifierTrainConfig, UNetTrainConfig, train_classifier, train_unet
+
+    out = Path(args.out) if args.out else WEIGHTS_DIR
+    if args.what == "unet":
+        cfg = UNetTrainConfig(seed=args.seed, threads=args.threads, **({"steps": args.steps} if args.steps else {}))
+        path = train_unet(out, cfg, progress=not args.no_progress, metrics=not args.no_metrics)
+    else:
+        cfg = ClassifierTrainConfig(seed=args.seed, threads=args.threads,
+                                    **({"epochs": args.epochs} if args.epochs else {}))
+        path = train_classifier(out, cfg, progress=not args.no_progress)
+    print(f"wrote {path}, {path.with_suffix('.safetensors').name} and {path.with_suffix('.log.csv').name}")
     return 0
 
 
@@ -167,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solvers", nargs="+", choices=solvers, default=bench.solvers)
     p.add_argument("--schedules", nargs="+", choices=sorted(schedules.SCHEDULES), default=bench.schedules)
     p.add_argument("--nfes", nargs="+", type=int, default=bench.nfes)
-    p.add_argument("--tables", nargs="*", default=[], help="extra EPD tables to measure beside the solvers")
+    p.add_argument("--tables", nargs="*", default=[],
+                   help="EPD tables to measure beside the solvers, as PATH or LABEL=PATH (same label: one row)")
     p.add_argument("--num-samples", type=int, default=bench.num_samples, help="samples per seed set")
     p.add_argument("--seed-sets", type=int, default=bench.seed_sets,
                    help="disjoint seed sets (their spread is the noise)")
@@ -177,6 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", default="outputs/benchmark")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_benchmark)
+
+    p = sub.add_parser("train-backbone", help="train an embedded network whose weights ship in data/weights")
+    p.add_argument("--what", choices=["unet", "classifier"], required=True,
+                   help="unet: the unet-digits denoiser; classifier: the digit feature network (FD-digits, rewards)")
+    p.add_argument("--out", help="output folder (default: data/weights, where loading looks)")
+    p.add_argument("--steps", type=int, help="unet: optimiser steps (default 4000)")
+    p.add_argument("--epochs", type=int, help="classifier: epochs (default 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1, as the shipped weights); bit-identical weights need the same count")
+    p.add_argument("--no-metrics", action="store_true", help="unet: skip the FD-digits measurement after training")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train_backbone)
     return parser
 
 

@@ -37,10 +37,10 @@ class DistillConfig:
     num_points: int = 2               # K
     plugin: bool = False
     plugin_order: int = 4
-    scale_bound: float = 0.05
+    scale_bound: float = 0.2         # scales in [0.8, 1.2]: 0.05 left a third of the gain on the table (NFE 5)
     iterations: int = 1000
-    batch_size: int = 256
-    lr: float = 0.02
+    batch_size: int = 128
+    lr: float = 0.1
     lr_min_ratio: float = 0.01        # cosine decays the learning rate to lr · lr_min_ratio
     final_weight: float = 1.0         # weight of the last step's distance; earlier steps have weight 1
     feature_weight: float = 0.0       # weight of a feature distance on the final step (needs a feature network)

@@ -101,13 +101,15 @@ def save_pngs(images: torch.Tensor, seeds: Sequence[int], outdir: Path, subdirs:
         _save_png(_to_pil(img), folder / f"{seed:06d}.png")
 
 
-def save_grid(images: torch.Tensor, path: Path, zoom: int = 4) -> None:
-    """All images tiled in a near-square grid (nearest-neighbour zoom keeps small digits legible)."""
+def save_grid(images: torch.Tensor, path: Path, zoom: int | None = None) -> None:
+    """All images tiled in a near-square grid (nearest-neighbour zoom keeps small digits legible; by default 4 for
+    images under 64 pixels, none for text-to-image sizes)."""
     n = len(images)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     tiles = [_to_pil(img) for img in images]
     w, h = tiles[0].size
+    zoom = (4 if max(w, h) < 64 else 1) if zoom is None else zoom
     grid = Image.new(tiles[0].mode, (cols * w, rows * h))
     for i, tile in enumerate(tiles):
         grid.paste(tile, ((i % cols) * w, (i // cols) * h))

@@ -9,6 +9,7 @@ from scipy import linalg
 from epd.backbones import load_backbone
 from epd.benchmark import BenchConfig, main, nearest_component, reference_solution
 from epd.metrics import frechet_distance, gaussian_stats
+from epd.solvers import handset_table, save_table
 
 
 def test_frechet_matches_closed_form():
@@ -41,11 +42,20 @@ def test_reference_is_converged():
 
 
 def test_tiny_benchmark_run(tmp_path):
+    tables = []
+    for nfe, steps in ((3, 3), (5, 4)):  # a labelled pair of tables: one row, two NFE columns
+        tables.append(f"mine={save_table(handset_table(steps, 2, schedule='logsnr', backbone='gmm-digits'), tmp_path / f't{nfe}')}")
     cfg = BenchConfig(solvers=["euler", "dpmpp_2m", "epd"], schedules=["logsnr"], nfes=[3, 9], num_samples=200,
-                      reference_steps=64, batch_size=200)
+                      reference_steps=64, batch_size=200, tables=tables)
     report = main(cfg, tmp_path, progress=False)
     rows = list(csv.DictReader((tmp_path / "benchmark.csv").open()))
-    assert len(rows) == 3 * 2 * 2
+    assert len(rows) == (3 * 2 + 2) * 2
+    mine = {(int(r["nfe"]), int(r["seed_set"])): r for r in rows if r["solver"] == "mine"}
+    assert sorted(mine) == [(3, 0), (3, 1), (5, 0), (5, 1)]
+    # The hand-set table at NFE 3 is the same solver as the "epd" row at NFE 3 on this grid.
+    epd3 = next(r for r in rows if r["solver"] == "epd" and r["nfe"] == "3" and r["seed_set"] == "0")
+    assert float(mine[(3, 0)]["rms"]) == pytest.approx(float(epd3["rms"]), rel=1e-6)
+    assert "| mine@logsnr |" in report
     for r in rows:
         assert int(r["measured_nfe"]) == int(r["nfe"])
         assert 0 <= float(r["agree"]) <= 1 and 0 <= float(r["overhead"]) < 1

@@ -5,15 +5,19 @@ from typing import Any
 
 from .base import Backbone, CallCounter
 from .gmm import GMMDigits
+from .sd import StableDiffusion3, StableDiffusion15  # diffusers is imported only when one is built
+from .unet import UNetDigits
 
-BACKBONES = {"gmm-digits": GMMDigits}
+BACKBONES = {"gmm-digits": GMMDigits, "unet-digits": UNetDigits, "sd15": StableDiffusion15, "sd3": StableDiffusion3}
 
 
 def load_backbone(name: str, **options: Any) -> Backbone:
-    """Build a backbone by name with its options (e.g. ``component_std`` for gmm-digits)."""
+    """Build a backbone by name with its options (``component_std`` for gmm-digits, ``weights`` for unet-digits,
+    ``model_path``, ``dtype``, ``device``, ``max_batch`` … for sd15 and sd3)."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
     return BACKBONES[name](**options)
 
 
-__all__ = ["BACKBONES", "Backbone", "CallCounter", "GMMDigits", "load_backbone"]
+__all__ = ["BACKBONES", "Backbone", "CallCounter", "GMMDigits", "StableDiffusion15", "StableDiffusion3", "UNetDigits",
+           "load_backbone"]

@@ -10,7 +10,8 @@ class Backbone:
     """A model behind the denoiser protocol ``D(x, sigma[B], cond) -> x0`` (see :class:`epd.solvers.Denoiser`).
 
     Subclasses set ``name``, ``shape`` (C, H, W of the state), the default ``sigma_min``/``sigma_max`` of their
-    grids and ``guidance``, and implement ``__call__``, ``encode`` (labels or prompts → cond) and ``decode``.
+    grids and ``guidance``, and implement ``__call__``, ``encode`` (labels or prompts → cond) and ``to_pixels``
+    (states → pixels in [0, 1], what metrics and rewards read); ``decode`` derives uint8 images from it.
     """
 
     name: str = ""
@@ -25,8 +26,14 @@ class Backbone:
     def encode(self, labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None) -> Any:
         raise NotImplementedError
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples → float pixels [B, C, H, W] in [0, 1] (data mean added back, clipped)."""
         raise NotImplementedError
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples → uint8 images, [B, H, W] for one channel, else [B, C, H, W]."""
+        img = (self.to_pixels(x) * 255).round().to(torch.uint8)
+        return img.squeeze(1) if img.shape[1] == 1 else img
 
     def noise(self, seeds: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Start states x_0 = σ_max · ε, one generator per seed, so a sample depends on its seed alone."""

@@ -66,7 +66,7 @@ class GMMDigits(Backbone):
         if component_std <= 0:
             raise ValueError(f"component_std must be > 0, got {component_std}")
         images, labels = load_digit_images(resolution)
-        self.data_mean = images.mean(0)                       # [1, R, R], added back by decode()
+        self.data_mean = images.mean(0)                       # [1, R, R], added back by to_pixels()
         self.components = (images - self.data_mean).flatten(1)  # μ_i, centred, [M, D]
         self.component_labels = labels
         self.component_var = float(component_std) ** 2
@@ -143,7 +143,6 @@ class GMMDigits(Backbone):
             return torch.as_tensor(labels, dtype=torch.long)
         return None
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Samples → uint8 images [B, R, R] (the data mean added back, [−1, 1] → [0, 255])."""
-        img = (x.double().cpu() + self.data_mean).clamp(-1, 1)
-        return ((img + 1) * 127.5).round().to(torch.uint8).squeeze(1)
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples → float64 pixels [B, 1, R, R] in [0, 1] (the data mean added back, [−1, 1] → [0, 1])."""
+        return ((x.double().cpu() + self.data_mean).clamp(-1, 1) + 1) / 2

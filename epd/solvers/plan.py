@@ -5,8 +5,8 @@ One rule per solver family, so that ``epd sample --nfe`` and the benchmark compa
 - one call per step (euler, dpmpp_2m, dpmpp_3m, unipc, ipndm): NFE + 1 points ending at σ_min;
 - EPD and DPM-Solver-2 (two calls per step, the second one inside the step): AFS for odd NFE, grid ending at
   σ_min, as in the EPD and AMED papers;
-- Heun: EDM's recipe, the grid ends in 0 and the step into it is Euler; AFS for even NFE. Ending at σ_min would
-  put Heun's second evaluation at σ_min, where a memorising mixture's direction (x − D)/σ blows up.
+- Heun: EDM's recipe, the grid ends in 0 and the step into it is Euler (the trapezoid is undefined at σ = 0);
+  AFS for even NFE.
 """
 from __future__ import annotations
 
