@@ -4,8 +4,15 @@ import torch
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
-    """The tests use small tensors: one thread avoids oversubscription slowdowns when the machine is busy."""
+    """The tests use small tensors: intra-op threads only add spin-wait overhead (×100 on a busy 2-core machine)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def gmm():
+    from epd.backbones import GMMDigits
+
+    return GMMDigits()

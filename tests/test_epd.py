@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from epd import schedules
-from epd.backbones import CallCounter, GMMDigits
+from epd.backbones import CallCounter
 from epd.solvers import (
     BASELINES,
     SolverTable,
@@ -21,20 +21,6 @@ from epd.solvers import (
 )
 
 F64 = torch.float64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: intra-op threads only add spin-wait overhead (×100 on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def gmm():
-    return GMMDigits()
 
 
 @pytest.fixture(scope="module")

@@ -17,20 +17,6 @@ from epd.solvers import sample_heun
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: intra-op threads only add spin-wait overhead (×100 on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def gmm():
-    return GMMDigits()
-
-
 @pytest.fixture(scope="module")
 def digits():
     """The data, read straight from scikit-learn (independently of epd): raw 0..16 images, centred comps, labels."""
