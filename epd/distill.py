@@ -203,6 +203,7 @@ def distill(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: Distill
         table = params.table()
         table = dataclasses.replace(table, **{k: v.detach().float() for k, v in table.tensors().items()})
     save_table(table, out, provenance={"distill": cfg.to_json(), "teacher": str(teacher_dir),
+                                       "teacher_config": manifest["config"],
                                        "teacher_config_hash": manifest["config_hash"], "final_loss": losses[-1],
                                        "seconds": time.perf_counter() - t0})
     write_loss_curve(losses, out)

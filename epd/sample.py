@@ -110,9 +110,11 @@ def save_grid(images: torch.Tensor, path: Path, zoom: int | None = None) -> None
     tiles = [_to_pil(img) for img in images]
     w, h = tiles[0].size
     zoom = (4 if max(w, h) < 64 else 1) if zoom is None else zoom
-    grid = Image.new(tiles[0].mode, (cols * w, rows * h))
+    pad = 1  # a grey line between tiles: digits on black backgrounds otherwise run into each other
+    fill = 96 if tiles[0].mode == "L" else (96, 96, 96)
+    grid = Image.new(tiles[0].mode, (cols * (w + pad) - pad, rows * (h + pad) - pad), fill)
     for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % cols) * w, (i // cols) * h))
+        grid.paste(tile, ((i % cols) * (w + pad), (i // cols) * (h + pad)))
     if zoom > 1:
         grid = grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
