@@ -42,6 +42,17 @@ def looks_like_pickle(path: Path, head: bytes) -> bool:
     return head[:1] == b"\x80" or head[:4] == b"PK\x03\x04" or path.suffix in PICKLE_SUFFIXES
 
 
+def read_json_header(path: Path, fmt: str, error: type[Exception], what: str) -> dict[str, Any]:
+    """Parse a JSON sidecar and check its ``format``: the errors name the file and what is wrong with it."""
+    try:
+        header = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON (truncated or corrupt?): {e}") from None
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        raise error(f"{path} is not {what} (format != {fmt!r})")
+    return header
+
+
 def weight_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """``X``, ``X.json`` or ``X.safetensors`` → (``X.safetensors``, ``X.json``)."""
     p = Path(path)
@@ -77,12 +88,7 @@ def load_weights(path: str | os.PathLike, *, kind: str, make: str) -> tuple[dict
         if looks_like_pickle(f, f.read_bytes()[:8]):
             raise WeightsError(f"{f} is a pickle (torch.save / pickle.dump). epd never unpickles: loading a pickle "
                                f"runs arbitrary code. Weights are NAME.safetensors + NAME.json; `{make}` writes them.")
-    try:
-        header = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{json_path} is not valid JSON (truncated or corrupt?): {e}") from None
-    if not isinstance(header, dict) or header.get("format") != WEIGHTS_FORMAT:
-        raise WeightsError(f"{json_path} is not an epd weight file (format != {WEIGHTS_FORMAT!r})")
+    header = read_json_header(json_path, WEIGHTS_FORMAT, WeightsError, "an epd weight file")
     if header.get("format_version") != WEIGHTS_FORMAT_VERSION:
         raise WeightsError(f"{json_path}: unsupported format_version {header.get('format_version')!r}")
     if header.get("kind") != kind:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import schedules
 from .backbones import Backbone, load_backbone
-from .io import sha256
+from .io import read_json_header, sha256
 from .sample import parse_seeds
 from .solvers import sample_dpm2, sample_heun
 
@@ -165,12 +165,7 @@ def load_manifest(path: str | os.PathLike, expect_hash: str | None = None) -> di
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
         raise TeacherError(f"teacher missing: {manifest_path} does not exist (run `epd teacher` first)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TeacherError(f"{manifest_path} is corrupt: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise TeacherError(f"{manifest_path} is not an epd teacher manifest")
+    manifest = read_json_header(manifest_path, FORMAT, TeacherError, "an epd teacher manifest")
     if expect_hash is not None and manifest.get("config_hash") != expect_hash:
         raise TeacherError(f"{path} was made for another teacher config (hash {manifest.get('config_hash')})")
     for shard in manifest.get("shards", []):

@@ -16,3 +16,16 @@ def gmm():
     from epd.backbones import GMMDigits
 
     return GMMDigits()
+
+
+@pytest.fixture
+def copy(tmp_path):
+    """A private copy of the shipped unet and classifier weights, for tests that break them."""
+    import shutil
+
+    from epd.data import WEIGHTS_DIR
+
+    for name in ("unet-digits", "digit-classifier"):
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(WEIGHTS_DIR / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    return tmp_path

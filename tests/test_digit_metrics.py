@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from epd.backbones.gmm import load_digit_images
-from epd.data import WEIGHTS_DIR, digit_split, split_indices
+from epd.data import digit_split, split_indices
 from epd.io import WeightsError
 from epd.metrics.digits import (
     as_pixels,
@@ -122,12 +121,6 @@ def test_features_of_a_sample_do_not_depend_on_its_batch(clf, data):
 
 
 # ------------------------------------------------------------------------------------------------------------ refusals
-@pytest.fixture
-def copy(tmp_path):
-    for name in ("unet-digits", "digit-classifier"):
-        for suffix in (".safetensors", ".json"):
-            shutil.copy(WEIGHTS_DIR / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
-    return tmp_path
 
 
 def test_missing_classifier(tmp_path):

@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 
 from epd import schedules  # noqa: E402
 from epd.backbones import load_backbone  # noqa: E402
-from epd.backbones.sd import StableDiffusion3, StableDiffusion15, sigma_to_t  # noqa: E402
+from epd.backbones.sd import StableDiffusion3, sigma_to_t  # noqa: E402
 from epd.solvers import BASELINES, handset_table, sample_epd, sample_euler  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning",
@@ -379,5 +379,5 @@ def test_epd_sample_cli(kind, schedule, sd_folders, tmp_path):
         assert img.size == (RES, RES) and img.mode == "RGB"
     assert main([*argv, "--grid"]) == 0
     with Image.open(out / "grid.png") as img:
-        assert img.size == (2 * RES, 2 * RES)
+        assert img.size == (2 * RES + 1, 2 * RES + 1)  # 2×2 tiles and a 1-pixel separator
     assert main(["sample", "--backbone", kind, "--model-path", str(tmp_path / "nowhere"), "--outdir", str(out)]) == 2

@@ -471,10 +471,11 @@ def test_checksum_missing_from_json(tmp_path):
 
 
 def test_each_case_has_its_own_message():
-    """The distinctive substrings used above really are distinct messages in table.py."""
+    """The distinctive substrings used above really are distinct messages in table.py (the JSON-parse message is
+    epd.io.read_json_header's, shared by tables, weights and teacher manifests)."""
     src = Path(table_mod.__file__).read_text()
     for needle in [
-        "not a readable safetensors file", "is not valid JSON", "contains NaN\"", "contains inf\"", "wrong shape",
+        "not a readable safetensors file", "contains NaN\"", "contains inf\"", "wrong shape",
         "some weight is negative", "do not sum to 1", "strictly increasing", "strictly inside (0, 1)",
         "(scale_bound)", "metadata mismatch: nfe=", "metadata mismatch: table has", "table file missing",
         "looks like a pickle", "does not match the checksum", "lacks tensors",

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
@@ -31,13 +30,6 @@ def unet():
     return UNetDigits()
 
 
-@pytest.fixture
-def copy(tmp_path):
-    """A private copy of the shipped unet (and classifier) weights to break."""
-    for name in ("unet-digits", "digit-classifier"):
-        for suffix in (".safetensors", ".json"):
-            shutil.copy(WEIGHTS_DIR / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
-    return tmp_path
 
 
 def edit_json(path: Path, fn) -> None:

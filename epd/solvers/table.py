@@ -21,7 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .. import schedules
-from ..io import atomic_write, looks_like_pickle
+from ..io import atomic_write, looks_like_pickle, read_json_header
 
 FORMAT = "epd-solver-table"
 FORMAT_VERSION = 1
@@ -229,12 +229,7 @@ def load_table(path: str | os.PathLike, expect: dict[str, Any] | None = None) ->
             raise TableError(f"table file missing: {f}")
     for f in (json_path, st_path):
         _refuse_pickle(f, f.read_bytes()[:8])
-    try:
-        header = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TableError(f"{json_path} is not valid JSON (truncated or corrupt?): {e}") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise TableError(f"{json_path} is not an epd solver table (format != {FORMAT!r})")
+    header = read_json_header(json_path, FORMAT, TableError, "an epd solver table")
     if header.get("format_version") != FORMAT_VERSION:
         raise TableError(f"{json_path}: unsupported format_version {header.get('format_version')!r}")
     blob = st_path.read_bytes()
