@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from . import schedules
-from .backbones import GMMDigits, load_backbone
+from .backbones import load_backbone
 from .metrics import frechet_distance, gaussian_stats
 from .solvers import BASELINES, load_table, sample_dpmpp_3m
 from .solvers.plan import Configured, configure
@@ -85,13 +85,6 @@ def reference_solution(backbone, x: torch.Tensor, steps: int, batch_size: int) -
     return torch.cat(at_min), torch.cat(at_zero)
 
 
-def nearest_component(backbone: GMMDigits, x: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(len(x), -1).double()
-    comps = backbone.components
-    sq = (flat**2).sum(1, keepdim=True) - 2 * flat @ comps.T + (comps**2).sum(1)
-    return sq.argmin(1)
-
-
 def _cells(cfg: BenchConfig, backbone) -> list[tuple[str, str, int, Configured]]:
     cells = []
     for solver in cfg.solvers:
@@ -105,7 +98,7 @@ def _cells(cfg: BenchConfig, backbone) -> list[tuple[str, str, int, Configured]]
         table = load_table(path, expect={"backbone": backbone.name})
         label = label or ("distilled-epd-plugin" if table.meta.plugin else "distilled-epd")
         cells.append((label, table.meta.schedule, table.meta.nfe,
-                      Configured("epd", table.meta.sigmas(), table.meta.afs, table)))
+                      configure("epd_plugin" if table.meta.plugin else "epd", table=table)))
     return cells
 
 
@@ -124,13 +117,13 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> tuple[list[dict], 
         sub = noise[:1000]
         fine_min, _ = reference_solution(backbone, sub, 2 * cfg.reference_steps, cfg.batch_size)
         info["reference_error_rms"].append(_rms(ref_min[:1000], fine_min))
-        info["reference_agree"].append(float((nearest_component(backbone, ref_min[:1000])
-                                              == nearest_component(backbone, fine_min)).double().mean()))
+        info["reference_agree"].append(float((backbone.nearest_component(ref_min[:1000])
+                                              == backbone.nearest_component(fine_min)).double().mean()))
         info["endpoint_gap_rms"].append(_rms(ref_min, ref_zero))
         ref_stats = {False: gaussian_stats(ref_min), True: gaussian_stats(ref_zero)}
         floor = frechet_distance(*ref_stats[False], *data_stats)
         info["fd_floor"].append(floor)
-        ref_nearest = {False: nearest_component(backbone, ref_min), True: nearest_component(backbone, ref_zero)}
+        ref_nearest = {False: backbone.nearest_component(ref_min), True: backbone.nearest_component(ref_zero)}
         for solver, schedule, nfe, run in tqdm(cells, desc=f"seed set {k}", disable=not progress):
             timed = TimedDenoiser(backbone)
             t0 = time.perf_counter()
@@ -146,7 +139,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> tuple[list[dict], 
                 "backbone": cfg.backbone, "solver": solver, "schedule": schedule, "nfe": nfe, "seed_set": k,
                 "fd": fd, "fd_floor": floor, "fd_excess": fd - floor,
                 "fd_to_exact": frechet_distance(*out_stats, *ref_stats[ends_at_zero]), "rms": _rms(out, ref),
-                "agree": float((nearest_component(backbone, out) == ref_nearest[ends_at_zero]).double().mean()),
+                "agree": float((backbone.nearest_component(out) == ref_nearest[ends_at_zero]).double().mean()),
                 "overhead": (total - timed.seconds) / total, "measured_nfe": run.nfe,
             })
     return rows, info

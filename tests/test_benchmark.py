@@ -7,7 +7,7 @@ import torch
 from scipy import linalg
 
 from epd.backbones import load_backbone
-from epd.benchmark import BenchConfig, main, nearest_component, reference_solution
+from epd.benchmark import BenchConfig, main, reference_solution
 from epd.metrics import frechet_distance, gaussian_stats
 from epd.solvers import handset_table, save_table
 
@@ -37,7 +37,7 @@ def test_reference_is_converged():
     coarse, _ = reference_solution(g, x, 256, 64)
     fine, at_zero = reference_solution(g, x, 512, 64)
     assert float(((coarse - fine) ** 2).mean().sqrt()) < 1e-3
-    assert torch.equal(nearest_component(g, coarse), nearest_component(g, fine))
+    assert torch.equal(g.nearest_component(coarse), g.nearest_component(fine))
     assert float(((fine - at_zero) ** 2).mean().sqrt()) < 1e-3
 
 
@@ -76,3 +76,11 @@ def test_data_stats_are_the_mixture():
     fd_centres = frechet_distance(*gaussian_stats(g.components), *g.data_stats())
     assert fd_mixture < 0.05
     assert fd_centres > 5 * fd_mixture
+
+
+def test_nearest_component_is_the_nearest_data_point():
+    g = load_backbone("gmm-digits")
+    x = g.noise(range(200), dtype=torch.float64) / 40  # states at a scale where the nearest point is not obvious
+    brute = torch.cdist(x.reshape(200, -1), g.components).argmin(1)
+    assert torch.equal(g.nearest_component(x), brute)
+    assert torch.equal(g.nearest_component(x.float()), brute)

@@ -108,6 +108,13 @@ class GMMDigits(Backbone):
             logits = logits.masked_fill(mask, float("-inf"))
         return torch.softmax(logits, dim=1)
 
+    def nearest_component(self, x: torch.Tensor) -> torch.Tensor:
+        """Index of the component (data point) nearest to each row: argmax of the σ → 0 logits."""
+        flat = x.reshape(x.shape[0], -1)
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+        comps, half_sq = self._components(flat.dtype)
+        return torch.addmm(-half_sq, flat, comps.T).argmax(1)
+
     def posterior_mean(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if sigma.shape != (x.shape[0],):
             raise ValueError(f"sigma must have one value per row, shape ({x.shape[0]},), got {tuple(sigma.shape)}")

@@ -38,6 +38,7 @@ def sample_epd(
     if table.positions.ndim == 3 and table.positions.shape[0] not in (1, x.shape[0]):
         raise TableError(f"per-sample table has batch {table.positions.shape[0]}, the state has {x.shape[0]}")
     B, K = x.shape[0], table.meta.num_points
+    cond_k = repeat_rows(cond, K)  # the K points' conditioning, the same at every step
     history: list[torch.Tensor] = []
     for n in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[n], sigmas[n + 1]
@@ -51,7 +52,7 @@ def sample_epd(
         x_k = x.unsqueeze(1) + append_dims(tau - sigma, x.ndim + 1) * d.unsqueeze(1)   # [B, K, ...]
         rows = x_k.flatten(0, 1)                                                # row b·K + k
         sigma_rows = (a * tau).expand(B, K).reshape(-1)
-        denoised_k = denoise(denoiser, rows, sigma_rows, repeat_rows(cond, K)).view_as(x_k)
+        denoised_k = denoise(denoiser, rows, sigma_rows, cond_k).view_as(x_k)
         g = (x_k - denoised_k) / append_dims(tau, x.ndim + 1)
         x = x + (sigma_next - sigma) * (append_dims(lam * c, x.ndim + 1) * g).sum(1)
         notify(callback, n, x, sigma, sigma_next, denoised)
