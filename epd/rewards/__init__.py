@@ -1,5 +1,7 @@
-"""Rewards: ``score(images, prompts) -> Tensor[B]``, higher is better. RDPO uses them as black boxes, the
-text-to-image metrics (HPSv2.1, PickScore, ImageReward, CLIP, Aesthetic, MPS) will join behind the same protocol.
+"""Rewards: ``score(images, prompts) -> Tensor[B]``, higher is better. RDPO uses them as black boxes. The six
+text-to-image scorers (``hpsv2``, ``pickscore``, ``imagereward``, ``clip``, ``aesthetic``, ``mps``) live in
+``epd.rewards.t2i`` behind the same protocol; they take ``weights=`` (their path, or the config's mapping of every
+path, ``evaluate.weights``).
 
 Embedded rewards (digit classifier, ``epd.metrics.digits``), each with a documented range:
 
@@ -43,7 +45,7 @@ class MultiReward:
 
     name = "multi"
 
-    def __init__(self, weights: Mapping[str, float], **options):
+    def __init__(self, weights: Mapping[str, float], /, **options):  # options may hold weights= (paths)
         if not weights:
             raise ValueError("MultiReward needs at least one named reward with a weight")
         bad = {k: w for k, w in weights.items() if not isinstance(w, (int, float)) or isinstance(w, bool)}
@@ -67,17 +69,27 @@ class MultiReward:
         return total
 
 
-def load_reward(spec: str | Mapping[str, float], **options) -> Reward:
-    """A reward by name (``"label_logprob"``, ``"realism"``) or a weighted combination ``{name: weight}``.
+T2I_OPTIONS = ("weights", "device", "batch_size")   # what the text-to-image scorers take (and digits do not)
 
-    ``options`` go to every embedded reward (e.g. ``classifier_path``).
+
+def load_reward(spec: str | Mapping[str, float], **options) -> Reward:
+    """A reward by name (``"label_logprob"``, ``"realism"``, ``"hpsv2"``, …) or a weighted combination
+    ``{name: weight}``.
+
+    ``options`` go to every reward that takes them: ``classifier_path`` to the embedded ones; ``weights`` (a path,
+    or a ``{name: path}`` mapping for mixes), ``device`` and ``batch_size`` to the text-to-image scorers.
     """
     if isinstance(spec, Mapping):
         return MultiReward(spec, **options)
+    from .t2i import SCORERS, load_scorer
+
     registry = _registry()
+    if spec in SCORERS:
+        return load_scorer(spec, **{k: v for k, v in options.items() if k in T2I_OPTIONS})
     if spec not in registry:
-        raise ValueError(f"unknown reward {spec!r}; expected one of {sorted(registry)} or a {{name: weight}} mapping")
-    return registry[spec](**options)
+        raise ValueError(f"unknown reward {spec!r}; expected one of {sorted([*registry, *SCORERS])} or a "
+                         f"{{name: weight}} mapping")
+    return registry[spec](**{k: v for k, v in options.items() if k not in T2I_OPTIONS})
 
 
 __all__ = ["MultiReward", "Reward", "load_reward"]

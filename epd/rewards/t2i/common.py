@@ -1,0 +1,287 @@
+"""What the text-to-image scorers share: finding their weight files, loading third-party checkpoints safely,
+turning pixels into the PIL images every released preprocessing starts from, and the linear MLP head that
+ImageReward and the LAION aesthetic predictor both use."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+# OpenAI CLIP's pixel statistics: HPSv2, ImageReward, the aesthetic predictor and the CLIP processors all use them.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A scorer's weight file is not where the config says; the message names the file and where it comes from."""
+
+
+def require(path: str | os.PathLike | None, what: str, source: str) -> Path:
+    """``path`` as an existing Path, or an error naming the file, the scorer and where the file comes from."""
+    if path is None or str(path) == "":
+        raise MissingWeightsError(f"{what}: no weights path given (evaluate.weights in the config, or "
+                                  f"--weights METRIC=PATH); get it from {source}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise MissingWeightsError(f"{what}: weights file missing: {p} (get it from {source})")
+    return p
+
+
+def require_hf_folder(path: str | os.PathLike | None, what: str, source: str,
+                      files: Sequence[str] = ("config.json",)) -> Path:
+    """A transformers ``save_pretrained`` folder holding ``files`` (and a weights file), else a naming error."""
+    folder = require(path, what, source)
+    if not folder.is_dir():
+        raise MissingWeightsError(f"{what}: {folder} must be a folder written by save_pretrained (from {source})")
+    for name in files:
+        require(folder / name, what, source)
+    if not any((folder / w).exists() for w in ("model.safetensors", "model.safetensors.index.json",
+                                               "pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise MissingWeightsError(f"{what}: weights file missing: {folder / 'model.safetensors'} "
+                                  f"(or pytorch_model.bin; get it from {source})")
+    return folder
+
+
+def load_checkpoint(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch checkpoint read with ``weights_only=True`` (no code runs).
+
+    A checkpoint that nests its state dict under ``state_dict`` or ``model`` (HPSv2, BLIP) is unwrapped, and a
+    DataParallel ``module.`` prefix is dropped."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError and friends: the message says which global was refused
+            raise ValueError(f"{what}: {path} is not a plain state-dict checkpoint (torch.load with "
+                             f"weights_only=True refused it: {str(e).splitlines()[0]}). Save its state_dict, or "
+                             f"convert it to .safetensors") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what}: {path} does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Load ``state`` into ``module``, naming missing / unexpected keys and mismatched shapes on failure."""
+    want = module.state_dict()
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in want.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or extra or wrong:
+        raise ValueError(f"{what}: {path} does not fit the architecture: missing {missing[:4]}, unexpected "
+                         f"{extra[:4]}, wrong shapes {wrong[:3]}")
+    module.load_state_dict(state)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Pixels in [0, 1] (float [B, 3, H, W], what ``Backbone.to_pixels`` returns) or uint8 [B, 3, H, W] (``decode``)
+    → RGB PIL images. The released scorers all preprocess PIL images; going through 8-bit pixels is what they saw."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        if not images.is_floating_point():
+            raise ValueError(f"expected float pixels in [0, 1] or uint8, got {images.dtype}")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1e-4 or hi > 1 + 1e-4:
+            raise ValueError(f"pixels must lie in [0, 1] (use Backbone.to_pixels), got range [{lo:.3f}, {hi:.3f}]")
+        images = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = np.ascontiguousarray(images.cpu().permute(0, 2, 3, 1).numpy())
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB") for a in arr]
+
+
+def check_prompts(images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, one per image")
+    if len(prompts) != len(images):
+        raise ValueError(f"need one prompt per image, got {len(prompts)} prompts for {len(images)} images")
+    return list(prompts)
+
+
+def default_device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+class LinearHead(nn.Module):
+    """768 → 1024 → 128 → 64 → 16 → 1, linear throughout: the released improved-aesthetic-predictor MLP and
+    ImageReward's head (both have their ReLUs commented out; the dropouts are inert at evaluation). Keys
+    ``layers.{0,2,4,6,7}`` as in both checkpoints."""
+
+    def __init__(self, input_size: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128),
+                                    nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16),
+                                    nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Scorer:
+    """Base of the text-to-image scorers: batching, no_grad, device handling; subclasses implement ``_score``
+    (a list of PIL images and their prompts → float tensor [b])."""
+
+    name = ""
+    range = (float("-inf"), float("inf"))
+
+    def __init__(self, device: str | torch.device | None = None, batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = default_device(device)
+        self.batch_size = batch_size
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """One score per image, float64 [B] on the CPU, higher is better."""
+        prompts = check_prompts(images, prompts)
+        pil = to_pil(images)
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(pil), self.batch_size):
+                out.append(self._score(pil[s:s + self.batch_size], prompts[s:s + self.batch_size]).double().cpu())
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def _score(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def load_clip(folder: Path, what: str, processor: Path | None = None):
+    """A transformers CLIPModel (eval, gradients off) and its processor from ``save_pretrained`` folders."""
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval().requires_grad_(False)
+    return model, load_clip_processor(processor or folder, what)
+
+
+def load_clip_processor(folder: Path, what: str):
+    """A transformers CLIPProcessor (image processor + tokenizer) from a ``save_pretrained`` folder."""
+    from transformers import CLIPProcessor
+
+    try:
+        return CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise MissingWeightsError(f"{what}: no CLIP processor (preprocessor_config.json + tokenizer files) in "
+                                  f"{folder}: {e}") from None
+
+
+def clip_embeddings(model, proc, images, prompts, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised projected image and text embeddings [b, d] of a transformers CLIPModel. Computed from the
+    towers' pooled outputs, so the same in transformers 4 (tensors) and 5 (``get_*_features`` return outputs)."""
+    pixels = proc(images=images, return_tensors="pt")["pixel_values"].to(device, model.dtype)
+    img = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+    tokens = proc(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
+    txt = model.text_projection(model.text_model(input_ids=tokens["input_ids"],
+                                                 attention_mask=tokens["attention_mask"]).pooler_output)
+    return nn.functional.normalize(img.float(), dim=-1), nn.functional.normalize(txt.float(), dim=-1)
+
+
+class _Inert:
+    """Stands in for every class a pickled module names: accepts any construction and records its state."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.__dict__["_state"] = state
+
+
+def _inert_class(module: str, name: str) -> type:
+    return type(name, (_Inert,), {"__module__": f"inert.{module}"})
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    return data
+
+
+class _InertUnpickler:
+    """A pickle reader for ``torch.save(module)`` archives that executes nothing from the file: the only callables
+    it resolves are torch's tensor rebuilders, dtypes, storage types and plain containers; every other name becomes
+    an inert class (so ``__reduce__`` callables, hooks and code objects in the pickle never run)."""
+
+    SAFE = {("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict"), ("builtins", "set"),
+            ("builtins", "frozenset"), ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple")}
+
+    def __init__(self, archive, prefix: str):
+        import pickle
+
+        self.archive, self.prefix = archive, prefix
+        outer = self
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocol 2 names
+                if (module, name) in outer.SAFE:
+                    import importlib
+
+                    return getattr(importlib.import_module(module), name)
+                if module == "torch._utils" and name.startswith("_rebuild_parameter"):
+                    return _rebuild_parameter
+                if module == "copyreg" and name == "_reconstructor":
+                    return lambda cls, base, state: cls.__new__(cls)
+                if module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None),
+                                                                                  torch.dtype)):
+                    return getattr(torch, name)
+                return _inert_class(module, name)
+
+            def persistent_load(self, pid):
+                return outer._storage(*pid)
+
+        self.unpickler_class = Unpickler
+
+    def _storage(self, kind, storage_type, key, location, numel):
+        if kind != "storage":
+            raise ValueError(f"unexpected persistent id {kind!r}")
+        dtype = storage_type if isinstance(storage_type, torch.dtype) else storage_type.dtype
+        data = bytearray(self.archive.read(f"{self.prefix}/data/{key}"))
+        untyped = torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if data else torch.UntypedStorage(0)
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+    def load(self):
+        import io
+
+        return self.unpickler_class(io.BytesIO(self.archive.read(f"{self.prefix}/data.pkl"))).load()
+
+
+def _collect(obj, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    state = obj.__dict__.get("_state")
+    state = state[0] if isinstance(state, tuple) else state
+    if not isinstance(state, dict):
+        return
+    skip = state.get("_non_persistent_buffers_set") or set()
+    for group in ("_parameters", "_buffers"):
+        for name, t in (state.get(group) or {}).items():
+            if isinstance(t, torch.Tensor) and not (group == "_buffers" and name in skip):
+                out[prefix + name] = t
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            _collect(child, f"{prefix}{name}.", out)
+
+
+def pickled_module_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a module saved whole with ``torch.save(module)`` (zip format), read without running any
+    code from the file (see :class:`_InertUnpickler`); the keys are what ``module.state_dict()`` gave."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a torch zip archive (torch.save format); cannot read it safely")
+    with zipfile.ZipFile(path) as archive:
+        pkl = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        if len(pkl) != 1:
+            raise ValueError(f"{path}: expected one data.pkl in the archive, found {pkl}")
+        root = _InertUnpickler(archive, pkl[0][:-len("/data.pkl")]).load()
+    out: dict[str, torch.Tensor] = {}
+    _collect(root, "", out)
+    if not out:
+        raise ValueError(f"{path} holds no module tensors")
+    return {k: v.clone() for k, v in out.items()}
