@@ -1,0 +1,310 @@
+"""Stage 2, RDPO: PPO with RLOO advantages on the residual Dirichlet policy of a distilled table.
+
+One PPO step: draw ``rollout_batch_size`` tables from the policy (B/k prompts, k tables each), solve all B samples
+in one batched ``sample_epd`` call with one table per sample, score them with the reward, take RLOO advantages
+within each prompt's k samples, then ``ppo_epochs`` passes of clipped-PPO minibatch updates (AdamW, gradient-norm
+clipping, optional KL to the cold-start prior and entropy bonus). The backbone is never trained.
+
+All randomness of step t (prompts, noise seeds, table draws, minibatch order) comes from a generator seeded by
+(seed, t), so a run resumed from its checkpoint (``STEM.ckpt.safetensors``: policy, optimiser, metrics, in one
+atomically written file) is identical to an uninterrupted one. Training noise seeds are drawn from [10⁹, 2⁶²), so
+they never meet evaluation seeds below 10⁹.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from tqdm import tqdm
+
+from .. import tracking
+from ..backbones import Backbone
+from ..io import atomic_write, weight_paths
+from ..rewards import Reward
+from ..solvers import SolverTable, sample_epd, save_table
+from .policy import Action, DirichletPolicy, entropy, kl_divergence, log_prob, sample
+from .ppo import GROUPINGS, ppo_loss, rloo_advantages
+
+TRAIN_SEED_START = 10**9
+METRICS = ("step", "reward_mean", "reward_std", "kl_prior", "clip_fraction", "approx_kl", "entropy", "policy_loss",
+           "grad_norm")
+
+
+@dataclass(frozen=True)
+class RDPOConfig:
+    """The upstream ``ppo.*`` keys with their defaults, plus the few choices upstream hard-codes or lacks."""
+
+    steps: int = 100
+    rollout_batch_size: int = 8            # B samples per PPO step: B / rloo_k prompts × rloo_k tables (upstream)
+    rloo_k: int = 4
+    ppo_epochs: int = 1
+    minibatch_size: int = 4
+    learning_rate: float = 7e-5
+    clip_range: float = 0.2
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    max_grad_norm: float = 1.0             # 0 = no clipping
+    dirichlet_concentration: float = 20.0  # upstream: 20 for SD1.5, 10 for SD3
+    save_interval: int = 50
+    seed: int = 0
+    rloo_grouping: str = "prompt"          # "strided": upstream's groups of k different prompts
+    shared_noise: bool = True              # a prompt's k samples start from one noise: the baseline then
+    #                                        compares tables, not noise draws (still unbiased)
+    normalize_advantages: bool = True      # upstream's default
+    scales: bool = False                   # also learn scale_dir / scale_time (log-normal), else keep the table's
+    scale_std: float = 0.05                # upstream ppo.scale_std
+    hidden_dim: int = 256
+    num_layers: int = 3
+    weight_decay: float = 0.0              # AdamW; upstream uses 0
+
+    def __post_init__(self):
+        positive = ("steps", "rollout_batch_size", "ppo_epochs", "minibatch_size", "save_interval", "hidden_dim")
+        bad = [k for k in positive if getattr(self, k) < 1]
+        if bad:
+            raise ValueError(f"rdpo: {', '.join(bad)} must be >= 1")
+        if self.rloo_k < 2 or self.rollout_batch_size % self.rloo_k:
+            raise ValueError(f"rdpo: rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                             f"rloo_k >= 2 (got {self.rloo_k}): RLOO needs k samples per prompt")
+        if self.minibatch_size > self.rollout_batch_size:
+            raise ValueError(f"rdpo: minibatch_size ({self.minibatch_size}) exceeds rollout_batch_size "
+                             f"({self.rollout_batch_size})")
+        if self.learning_rate <= 0 or self.clip_range <= 0 or self.dirichlet_concentration <= 0:
+            raise ValueError("rdpo: learning_rate, clip_range and dirichlet_concentration must be > 0")
+        if min(self.kl_coef, self.entropy_coef, self.max_grad_norm, self.weight_decay) < 0:
+            raise ValueError("rdpo: kl_coef, entropy_coef, max_grad_norm and weight_decay must be >= 0")
+        if self.rloo_grouping not in GROUPINGS:
+            raise ValueError(f"rdpo: rloo_grouping must be one of {GROUPINGS}, got {self.rloo_grouping!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Rollout:
+    action: Action
+    old_log_prob: torch.Tensor   # [B]
+    rewards: torch.Tensor        # [B] float64
+    prompts: list[str]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of PPO step ``step``: a function of (seed, step) alone, so resuming needs no RNG state."""
+    digest = hashlib.sha256(f"rdpo:{seed}:{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def rollout(policy: DirichletPolicy, backbone: Backbone, reward: Reward, prompts: list[str], cfg: RDPOConfig,
+            gen: torch.Generator) -> Rollout:
+    """B tables from the policy, one batched EPD solve with a table per sample, and their rewards."""
+    k, groups = cfg.rloo_k, cfg.rollout_batch_size // cfg.rloo_k
+    picked = [prompts[i] for i in torch.randint(len(prompts), (groups,), generator=gen).tolist()]
+    batch_prompts = [p for p in picked for _ in range(k)]                       # prompt-major
+    seeds = torch.randint(TRAIN_SEED_START, 2**62, (groups if cfg.shared_noise else groups * k,), generator=gen)
+    if cfg.shared_noise:
+        seeds = seeds.repeat_interleave(k)
+    draw_seed = int(torch.randint(2**62, (1,), generator=gen))
+    with torch.no_grad():
+        params = policy()
+        action = sample(params, len(batch_prompts), draw_seed)
+        old = log_prob(params, action)
+        x = sample_epd(backbone, backbone.noise(seeds.tolist()), policy.meta.sigmas(), policy.tables(action),
+                       cond=backbone.encode(prompts=batch_prompts))
+        rewards = reward.score(backbone.to_pixels(x), batch_prompts).double().cpu()
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError(f"the reward returned non-finite values for prompts {batch_prompts}")
+    return Rollout(action, old, rewards, batch_prompts)
+
+
+def ppo_update(policy: DirichletPolicy, opt: torch.optim.Optimizer, roll: Rollout, cfg: RDPOConfig,
+               gen: torch.Generator) -> dict[str, float]:
+    """``ppo_epochs`` passes of minibatch clipped-PPO updates on one rollout; returns the mean statistics."""
+    adv = rloo_advantages(roll.rewards, cfg.rloo_k, grouping=cfg.rloo_grouping,
+                          normalize=cfg.normalize_advantages).to(roll.old_log_prob)
+    prior = policy.prior()
+    sums = {"policy_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "grad_norm": 0.0}
+    n = 0
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(len(adv), generator=gen)
+        for start in range(0, len(adv), cfg.minibatch_size):
+            idx = order[start:start + cfg.minibatch_size]
+            params = policy()
+            loss, stats = ppo_loss(log_prob(params, roll.action.select(idx)), roll.old_log_prob[idx], adv[idx],
+                                   cfg.clip_range)
+            total = loss
+            if cfg.kl_coef:
+                total = total + cfg.kl_coef * kl_divergence(params, prior)
+            if cfg.entropy_coef:
+                total = total - cfg.entropy_coef * entropy(params)
+            opt.zero_grad()
+            total.backward()
+            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or math.inf)
+            opt.step()
+            for key, value in (("policy_loss", loss.item()), ("grad_norm", norm.item()), *stats.items()):
+                sums[key] += value
+            n += 1
+    return {key: v / n for key, v in sums.items()}
+
+
+def ckpt_path(out: Path) -> Path:
+    return out.with_name(out.name + ".ckpt.safetensors")
+
+
+def _save_checkpoint(out: Path, policy: DirichletPolicy, opt: torch.optim.Optimizer, step: int,
+                     rows: list[list[float]], run_hash: str) -> None:
+    """Policy, optimiser and metrics in one safetensors file (the JSON header in its metadata): one atomic write."""
+    tensors = {f"policy.{k}": v.detach().clone() for k, v in policy.state_dict().items()}
+    opt_state = opt.state_dict()
+    for idx, state in opt_state["state"].items():
+        for key, value in state.items():
+            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).clone()
+    tensors["metrics"] = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(METRICS))
+    header = {"step": step, "run_hash": run_hash, "param_groups": opt_state["param_groups"]}
+    atomic_write(ckpt_path(out), st_save(tensors, metadata={"rdpo": json.dumps(header)}))
+
+
+def _load_checkpoint(out: Path, policy: DirichletPolicy, opt: torch.optim.Optimizer,
+                     run_hash: str) -> tuple[int, list[list[float]]]:
+    """Restore a checkpoint of this run; (0, []) if there is none or it belongs to another config."""
+    path = ckpt_path(out)
+    if not path.exists():
+        return 0, []
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads((f.metadata() or {}).get("rdpo", "{}"))
+    if header.get("run_hash") != run_hash:
+        print(f"rdpo: {path} belongs to another config or start table; starting afresh")
+        return 0, []
+    tensors = st_load(path.read_bytes())
+    policy.load_state_dict({k.removeprefix("policy."): v for k, v in tensors.items() if k.startswith("policy.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v
+    opt.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+    return header["step"], tensors["metrics"].tolist()
+
+
+def run_hash(cfg: RDPOConfig, start: Path, backbone: Backbone, reward: Reward, prompts: list[str],
+             backbone_options: dict[str, Any]) -> str:
+    """What fixes the trajectory of a run: config (but not its length or save cadence), start table, backbone,
+    reward and prompts. ``--steps`` can therefore grow on a rerun and the run continues where it stopped."""
+    key = {k: v for k, v in cfg.to_json().items() if k not in ("steps", "save_interval")}
+    table_sha = json.loads(weight_paths(start)[1].read_text()).get("tensors_sha256")
+    blob = json.dumps([key, table_sha, backbone.name, backbone_options, getattr(reward, "weights", reward.name),
+                       prompts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def rdpo(start_table: str | Path, out: str | Path, cfg: RDPOConfig, *, backbone: Backbone, reward: Reward,
+         prompts: list[str], backbone_options: dict[str, Any] | None = None, progress: bool = True,
+         stop_after: int | None = None) -> SolverTable | None:
+    """Fine-tune the table at ``start_table``; writes ``OUT.json/.safetensors`` (the policy mean, at every save and
+    at the end), ``OUT.metrics.csv``, ``OUT.metrics.png`` and ``OUT.ckpt.safetensors`` (kept, so a rerun with more
+    ``steps`` continues). ``stop_after`` ends the run after that many steps, as an interruption would (returns None).
+    """
+    from ..solvers import load_table
+
+    out, start_table = Path(out), Path(start_table)
+    start = load_table(start_table)
+    if start.meta.backbone not in ("", backbone.name):
+        raise ValueError(f"{start_table} was made for backbone {start.meta.backbone!r}, not {backbone.name!r}")
+    if not prompts:
+        raise ValueError("rdpo needs at least one training prompt")
+    backbone.encode(prompts=list(prompts))  # refuses bad prompts (e.g. naming two digits) before anything is written
+    torch.manual_seed(cfg.seed)  # the MLP's initial weights (its zero output layer makes them irrelevant at step 0)
+    policy = DirichletPolicy(start, cfg.dirichlet_concentration, scales=cfg.scales, scale_std=cfg.scale_std,
+                             hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    key = run_hash(cfg, start_table, backbone, reward, list(prompts), backbone_options or {})
+    step, rows = _load_checkpoint(out, policy, opt, key)
+    if step > cfg.steps:
+        raise ValueError(f"{ckpt_path(out)} is at step {step}, beyond steps={cfg.steps}; delete it to start over")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tracking.log_params({**cfg.to_json(), "start_table": str(start_table), "num_prompts": len(prompts)})
+    provenance = {"rdpo": cfg.to_json(), "start_table": str(start_table), "backbone_options": backbone_options or {},
+                  "reward": getattr(reward, "weights", reward.name), "num_prompts": len(prompts)}
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=step, desc="rdpo", disable=not progress)
+    ran = step < cfg.steps
+    while step < cfg.steps:
+        gen = step_generator(cfg.seed, step)
+        roll = rollout(policy, backbone, reward, list(prompts), cfg, gen)
+        stats = ppo_update(policy, opt, roll, cfg, gen)
+        with torch.no_grad():
+            params = policy()
+            stats.update(kl_prior=float(kl_divergence(params, policy.prior())), entropy=float(entropy(params)))
+        stats.update(reward_mean=float(roll.rewards.mean()), reward_std=float(roll.rewards.std(unbiased=False)))
+        step += 1
+        rows.append([float(step), *(stats[m] for m in METRICS[1:])])
+        tracking.log_metrics({m: stats[m] for m in METRICS[1:]}, step=step)
+        bar.update(1)
+        bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl_prior']:.2e}")
+        if step % cfg.save_interval == 0 or step == cfg.steps:
+            _save_checkpoint(out, policy, opt, step, rows, key)
+            _export(policy, out, rows, {**provenance, "step": step, "seconds": time.perf_counter() - t0})
+        if stop_after is not None and step >= stop_after and step < cfg.steps:
+            bar.close()
+            return None
+    bar.close()
+    if not ran:  # a rerun of a finished run: export again (cheap), in case the outputs were removed
+        _export(policy, out, rows, {**provenance, "step": step})
+    for path in (out.with_name(out.name + ".json"), out.with_name(out.name + ".metrics.csv"),
+                 out.with_name(out.name + ".metrics.png")):
+        tracking.log_artifact(path)
+    return policy.mean_table()
+
+
+def _export(policy: DirichletPolicy, out: Path, rows: list[list[float]], provenance: dict[str, Any]) -> None:
+    save_table(policy.mean_table(), out, provenance=provenance)
+    write_metrics(rows, out)
+
+
+def write_metrics(rows: list[list[float]], out: Path) -> None:
+    """``OUT.metrics.csv`` (one row per PPO step) and ``OUT.metrics.png`` (reward, KL to the prior, clipping)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [",".join(METRICS)] + [",".join([str(int(r[0]))] + [f"{v:.9g}" for v in r[1:]]) for r in rows]
+    atomic_write(out.with_name(out.name + ".metrics.csv"), ("\n".join(lines) + "\n").encode())
+    cols = dict(zip(METRICS, zip(*rows))) if rows else {m: () for m in METRICS}
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    steps, mean, std = cols["step"], torch.tensor(cols["reward_mean"]), torch.tensor(cols["reward_std"])
+    axes[0].plot(steps, mean, lw=0.8, label="batch mean")
+    if len(mean) >= 5:
+        w = max(1, len(mean) // 20)
+        smooth = torch.nn.functional.avg_pool1d(mean[None, None], w, 1, padding=0)[0, 0]
+        axes[0].plot(steps[w - 1:], smooth, lw=2, label=f"mean over {w} steps")
+    axes[0].fill_between(steps, mean - std, mean + std, alpha=0.2, label="± batch std")
+    axes[0].set_ylabel("reward")
+    axes[0].legend(fontsize=7)
+    axes[1].plot(steps, cols["kl_prior"])
+    axes[1].set_ylabel("KL(policy ‖ cold-start prior)")
+    axes[2].plot(steps, cols["clip_fraction"], label="clip fraction")
+    axes[2].plot(steps, cols["approx_kl"], label="approx. KL(old ‖ new)")
+    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("PPO step")
+    fig.suptitle(out.name)
+    fig.tight_layout()
+    png = out.with_name(out.name + ".metrics.png")
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png)
+
+
+__all__ = ["METRICS", "RDPOConfig", "Rollout", "TRAIN_SEED_START", "ppo_update", "rdpo", "rollout",
+           "step_generator", "write_metrics"]
