@@ -1,0 +1,263 @@
+"""The pipeline's report: a summary table (solver × NFE × metrics) from `epd evaluate` summaries, and plots —
+quality against NFE per solver, the distillation loss and RDPO reward curves, and a grid of samples per solver.
+
+It reads a pipeline's results folder (``results/<experiment>/`` as the Snakemake rules and dvc.yaml lay it out):
+``eval/<solver>-nfe<N>/summary.json`` (a folder name is a table row), ``samples/<solver>-nfe<N>/`` (grids) and
+``tables/*.loss.csv`` (distillation) / ``tables/*.metrics.csv`` (RDPO). Every run found there is reported, so a
+folder that also holds runs of an earlier config shows them too.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .io import atomic_write
+
+RUN_NAME = re.compile(r"^(?P<solver>[A-Za-z0-9_]+)-nfe(?P<nfe>\d+)$")
+OUTPUTS = ("summary.md", "summary.csv", "quality_vs_nfe.png", "curves.png", "grids.png")
+GRID_IMAGES = 10  # samples per solver row in grids.png
+LEARNED = ("epd", "rdpo")  # the pipeline's own tables: listed before the baselines
+
+
+@dataclass(frozen=True)
+class Row:
+    """One evaluated sample folder: its solver, NFE and ``{metric: {"mean", "std", "n"} | {"value"}}``."""
+
+    solver: str
+    nfe: int
+    metrics: dict[str, dict[str, float]]
+
+
+def parse_run_name(name: str, what: Path) -> tuple[str, int]:
+    """``"epd-nfe5"`` → ``("epd", 5)``; anything else is refused naming the path."""
+    m = RUN_NAME.match(name)
+    if m is None:
+        raise ValueError(f"{what}: cannot tell solver and NFE from {name!r}; expected a name like 'epd-nfe5'")
+    return m["solver"], int(m["nfe"])
+
+
+def read_summaries(paths: Sequence[str | os.PathLike]) -> list[Row]:
+    """Read ``<solver>-nfe<N>/summary.json`` files (contract 3) into rows: the learned tables first, then the
+    baselines by name, NFE ascending."""
+    rows = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"evaluation summary {path} does not exist (run `epd evaluate` first)")
+        solver, nfe = parse_run_name(path.parent.name, path)
+        try:
+            metrics = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(metrics, dict) or not all(isinstance(v, dict) and ("mean" in v or "value" in v)
+                                                     for v in metrics.values()):
+            raise ValueError(f"{path}: expected {{metric: {{'mean', 'std', 'n'}} or {{'value'}}}}")
+        rows.append(Row(solver, nfe, metrics))
+    return sorted(rows, key=lambda r: (r.solver not in LEARNED, LEARNED.index(r.solver) if r.solver in LEARNED else 0,
+                                       r.solver, r.nfe))
+
+
+def metric_names(rows: Sequence[Row]) -> list[str]:
+    return list(dict.fromkeys(m for r in rows for m in r.metrics))
+
+
+def headline(entry: dict[str, float] | None) -> float:
+    """The number a metric is ranked by: the mean of a per-image metric, the value of a set-level one."""
+    if entry is None:
+        return math.nan
+    return float(entry["mean"] if "mean" in entry else entry["value"])
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Markdown: one row per solver × NFE, one column per metric (mean ± std for per-image metrics)."""
+    names = metric_names(rows)
+    lines = ["| solver | NFE | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = []
+        for m in names:
+            e = r.metrics.get(m)
+            cells.append("" if e is None else f"{e['value']:.4g}" if "value" in e
+                         else f"{e['mean']:.4g} ± {e.get('std', math.nan):.2g}")
+        lines.append(f"| {r.solver} | {r.nfe} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(rows: Sequence[Row]) -> str:
+    """One row per solver × NFE; per-image metrics as ``M_mean, M_std, M_n``, set-level ones as ``M``."""
+    names = metric_names(rows)
+    cols = []
+    for m in names:
+        per_image = any("mean" in r.metrics.get(m, {}) for r in rows)
+        cols += [f"{m}_mean", f"{m}_std", f"{m}_n"] if per_image else [m]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["solver", "nfe", *cols])
+    for r in rows:
+        values = []
+        for m in names:
+            e = r.metrics.get(m, {})
+            keys = ("mean", "std", "n") if f"{m}_mean" in cols else ("value",)
+            values += [e.get(k, "") for k in keys]
+        w.writerow([r.solver, r.nfe, *values])
+    return buf.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _pyplot().close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def plot_quality(rows: Sequence[Row], path: Path) -> None:
+    """One panel per metric: its headline value against NFE, one line per solver."""
+    plt = _pyplot()
+    names = metric_names(rows)
+    cols = min(len(names), 3)
+    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(4.2 * cols, 3.2 * math.ceil(len(names) / cols)),
+                             squeeze=False)
+    for ax, m in zip(axes.flat, names):
+        for solver in dict.fromkeys(r.solver for r in rows):
+            pts = [(r.nfe, headline(r.metrics.get(m))) for r in rows if r.solver == solver]
+            ax.plot(*zip(*pts), marker="o", label=solver)
+        ax.set_title(m)
+        ax.set_xlabel("NFE")
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def read_curve(path: Path) -> tuple[list[str], list[str], list[list[float]]]:
+    """A training-curve CSV → (header, columns to plot, rows); the first column is the step. Loss curves plot ``loss``; RDPO metrics the columns that
+    name a reward or a loss (all numeric ones if none does)."""
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or len(header) < 2:
+            raise ValueError(f"curve {path} needs a header with a step column and at least one value column")
+        data = []
+        for line in reader:
+            try:
+                data.append([float(v) if v != "" else math.nan for v in line])
+            except ValueError:
+                raise ValueError(f"curve {path}: non-numeric row {line}") from None
+    ys = [c for c in header[1:] if "reward" in c or "loss" in c] or header[1:]
+    return header, ys, data
+
+
+def plot_curves(paths: Sequence[str | os.PathLike], path: Path) -> None:
+    """One panel per curve file: the distillation loss (log scale) or the RDPO reward against the step."""
+    plt = _pyplot()
+    paths = [Path(p) for p in paths]
+    n = max(len(paths), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.2), squeeze=False)
+    for ax, p in zip(axes.flat, paths):
+        header, ys, data = read_curve(p)
+        for y in ys:
+            ax.plot([r[0] for r in data], [r[header.index(y)] for r in data], label=y)
+        if ys == ["loss"]:
+            ax.set_yscale("log")
+        ax.set_xlabel(header[0])
+        ax.set_title(p.name, fontsize=9)
+        ax.legend(fontsize=7)
+    if not paths:
+        axes.flat[0].axis("off")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def sample_images(folder: Path, count: int) -> list[Path]:
+    """The first ``count`` images listed in ``folder/samples.csv`` (contract 2: path relative to the folder)."""
+    manifest = folder / "samples.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} does not exist (a sample folder written by `epd sample`)")
+    with manifest.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise ValueError(f"{manifest} has no 'path' column")
+        return [folder / row["path"] for _, row in zip(range(count), reader)]
+
+
+def plot_grids(folders: Sequence[str | os.PathLike], path: Path, count: int = GRID_IMAGES) -> None:
+    """One row per sample folder, its first ``count`` images (the same seeds and prompts in every row)."""
+    import numpy as np
+    from PIL import Image
+
+    plt = _pyplot()
+    folders = [Path(f) for f in folders]
+    strips = []
+    for folder in folders:
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in sample_images(folder, count)]
+        if not images:
+            raise ValueError(f"{folder}/samples.csv lists no images")
+        pad = np.full((images[0].shape[0], 1, 3), 96, dtype=np.uint8)  # a grey line between tiles
+        strips.append(np.concatenate([x for img in images for x in (img, pad)][:-1], axis=1))
+    fig, axes = plt.subplots(max(len(strips), 1), 1, figsize=(1.0 * count, 1.1 * max(len(strips), 1)), squeeze=False)
+    for ax, folder, strip in zip(axes.flat, folders, strips):
+        ax.imshow(strip, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(folder.name, rotation=0, ha="right", va="center", fontsize=8)
+    if not strips:
+        axes.flat[0].axis("off")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def find_results(results: str | os.PathLike) -> tuple[list[Path], list[Path], list[Path]]:
+    """A results folder → (evaluation summaries, their sample folders where present, training curves)."""
+    root = Path(results)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results folder {root} does not exist (run the pipeline first)")
+    evals = sorted(root.glob("eval/*/summary.json"))
+    if not evals:
+        raise FileNotFoundError(f"{root}/eval holds no <solver>-nfe<N>/summary.json (run `epd evaluate` first)")
+    samples = [root / "samples" / p.parent.name for p in evals if (root / "samples" / p.parent.name).is_dir()]
+    curves = sorted([*root.glob("tables/*.loss.csv"), *root.glob("tables/*.metrics.csv")])
+    return evals, samples, curves
+
+
+def write_report(results: str | os.PathLike, outdir: str | os.PathLike) -> str:
+    """Write summary.md/.csv and the three plots of a results folder into ``outdir``; return the Markdown table.
+    Inputs are all read and checked before anything is written."""
+    from . import tracking
+
+    evals, samples, curves = find_results(results)
+    rows = read_summaries(evals)
+    samples = sorted(samples, key=lambda f: [(r.solver, r.nfe) for r in rows].index(parse_run_name(f.name, f)))
+    for p in curves:
+        read_curve(Path(p))
+    for folder in samples:
+        sample_images(folder, 1)
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(rows)
+    atomic_write(out / "summary.md", table.encode())
+    atomic_write(out / "summary.csv", format_csv(rows).encode())
+    plot_quality(rows, out / "quality_vs_nfe.png")
+    plot_curves(curves, out / "curves.png")
+    plot_grids(samples, out / "grids.png")
+    tracking.log_metrics({f"{m}/{r.solver}-nfe{r.nfe}": headline(e) for r in rows for m, e in r.metrics.items()})
+    for name in OUTPUTS:
+        tracking.log_artifact(out / name)
+    return table
+
+
+__all__ = ["Row", "find_results", "format_csv", "format_table", "parse_run_name", "read_summaries", "write_report"]

@@ -1,0 +1,67 @@
+"""`epd report`: the summary table and plots from a results folder; bad input refused, nothing half-written."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from epd.cli import main
+from epd.report import format_table, read_summaries
+
+
+def fake_results(root, runs):
+    """A results folder as the pipeline lays it out, with made-up numbers."""
+    for name, acc in runs.items():
+        (root / "eval" / name).mkdir(parents=True)
+        summary = {"label_accuracy": {"mean": acc, "std": 0.1, "n": 4}, "fd_digits": {"value": 1 / acc}}
+        (root / "eval" / name / "summary.json").write_text(json.dumps(summary))
+        folder = root / "samples" / name
+        folder.mkdir(parents=True)
+        with (folder / "samples.csv").open("w") as f:
+            f.write("seed,label,prompt,path\n")
+            for seed in range(4):
+                Image.fromarray(np.full((8, 8), 40 * seed, np.uint8)).save(folder / f"{seed:06d}.png")
+                f.write(f"{seed},,a handwritten {seed},{seed:06d}.png\n")
+    (root / "tables").mkdir()
+    (root / "tables" / "epd-nfe3.loss.csv").write_text("iteration,loss\n1,0.5\n2,0.25\n")
+    (root / "tables" / "rdpo-nfe3.metrics.csv").write_text("step,reward_mean,kl\n0,-2.0,0\n1,-1.5,0.01\n")
+
+
+def test_report_table_and_plots(tmp_path, capsys):
+    fake_results(tmp_path / "res", {"euler-nfe5": 0.5, "euler-nfe3": 0.25, "rdpo-nfe3": 0.8, "epd-nfe3": 0.75})
+    assert main(["report", "--results", str(tmp_path / "res"), "--out", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
+    # learned tables first, then baselines; NFE ascending; mean ± std for per-image metrics, value for set-level
+    assert lines[1:] == ["| epd | 3 | 0.75 ± 0.1 | 1.333 |", "| rdpo | 3 | 0.8 ± 0.1 | 1.25 |",
+                         "| euler | 3 | 0.25 ± 0.1 | 4 |", "| euler | 5 | 0.5 ± 0.1 | 2 |"]
+    with (tmp_path / "rep" / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["solver"], int(r["nfe"]), float(r["label_accuracy_mean"]), float(r["fd_digits"])) for r in rows] == [
+        ("epd", 3, 0.75, pytest.approx(4 / 3)), ("rdpo", 3, 0.8, 1.25), ("euler", 3, 0.25, 4.0), ("euler", 5, 0.5, 2.0)]
+    for name in ("quality_vs_nfe.png", "curves.png", "grids.png"):
+        with Image.open(tmp_path / "rep" / name) as img:
+            assert img.width > 200 and img.height > 100
+
+
+def test_report_refuses_unnamed_run_and_writes_nothing(tmp_path, capsys):
+    fake_results(tmp_path / "res", {"epd-nfe3": 0.75, "final": 0.5})
+    assert main(["report", "--results", str(tmp_path / "res"), "--out", str(tmp_path / "rep")]) == 2
+    assert "'final'" in capsys.readouterr().err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_report_refuses_missing_results(tmp_path, capsys):
+    assert main(["report", "--results", str(tmp_path / "none"), "--out", str(tmp_path / "rep")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_format_table_leaves_missing_metrics_blank(tmp_path):
+    for name, summary in {"a-nfe3": {"x": {"mean": 1.0, "std": 0.0, "n": 1}}, "b-nfe3": {"y": {"value": 2.0}}}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    rows = read_summaries([tmp_path / "a-nfe3" / "summary.json", tmp_path / "b-nfe3" / "summary.json"])
+    assert format_table(rows).splitlines()[2:] == ["| a | 3 | 1 ± 0 |  |", "| b | 3 |  | 2 |"]

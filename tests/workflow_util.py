@@ -1,0 +1,44 @@
+"""Shared by the pipeline tests (test_workflow, test_slurm, test_dvc): a private copy of the pipeline's files with a
+chosen config as config/config.yaml, and the venv's tools on PATH (the rules call `epd`)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = REPO / "tests" / "workflow_tiny.yaml"
+PIPELINE_FILES = ("Snakefile", "workflow", "dvc.yaml", "config", "data/prompts")
+
+
+def project_copy(dest: Path, config: Path | None = TINY) -> Path:
+    """Copy the pipeline's files into ``dest``; ``config`` replaces config/config.yaml (as the embedded default)."""
+    for name in PIPELINE_FILES:
+        src, dst = REPO / name, dest / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
+    if config is not None:
+        shutil.copy(config, dest / "config" / "config.yaml")
+    return dest
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment of a pipeline run: the venv first on PATH, one thread per job, no ambient MLflow store."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    e.update(PATH=f"{BIN}{os.pathsep}{e.get('PATH', '')}", OMP_NUM_THREADS="1", **extra)
+    return e
+
+
+def run(cwd: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a venv tool (snakemake, dvc, epd, …) in ``cwd``; stdout and stderr together in ``.stdout``."""
+    return subprocess.run([str(BIN / cmd[0]), *cmd[1:]], cwd=cwd, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def outputs(root: Path) -> dict[str, int]:
+    """Every file under ``root/results`` with its mtime (ns): what a run wrote, and when."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted((root / "results").rglob("*"))
+            if p.is_file()}
