@@ -170,6 +170,14 @@ def _cmd_rdpo(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.results, args.out), end="")
+    print(f"wrote {Path(args.out)}/summary.md, summary.csv, quality_vs_nfe.png, curves.png, grids.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -300,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="samples per batch in the comparison")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_rdpo)
+
+    p = sub.add_parser("report", help="summary table (solver x NFE x metrics) and plots of a pipeline's results")
+    p.add_argument("--results", required=True,
+                   help="pipeline results folder: eval/<solver>-nfe<N>/summary.json, samples/<solver>-nfe<N>/, "
+                        "tables/*.loss.csv and *.metrics.csv")
+    p.add_argument("--out", required=True, help="output folder: summary.md/.csv, quality_vs_nfe.png, curves.png, grids.png")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
