@@ -93,12 +93,38 @@ def _save_png(img: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def png_path(seed: int, subdirs: bool = True) -> str:
+    """Where seed's PNG goes, relative to the output folder: ``000000/000123.png`` (1000 seeds per folder) or flat."""
+    return f"{seed - seed % 1000:06d}/{seed:06d}.png" if subdirs else f"{seed:06d}.png"
+
+
 def save_pngs(images: torch.Tensor, seeds: Sequence[int], outdir: Path, subdirs: bool = True) -> None:
-    """One PNG per seed, ``outdir/000000/000123.png`` (1000 seeds per subfolder) or flat."""
+    """One PNG per seed at ``outdir / png_path(seed, subdirs)``."""
     for img, seed in zip(images, seeds):
-        folder = outdir / f"{seed - seed % 1000:06d}" if subdirs else outdir
-        folder.mkdir(parents=True, exist_ok=True)
-        _save_png(_to_pil(img), folder / f"{seed:06d}.png")
+        path = outdir / png_path(seed, subdirs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_png(_to_pil(img), path)
+
+
+def write_manifest(outdir: Path, seeds: Sequence[int], *, labels: Sequence[int] | None = None,
+                   prompts: Sequence[str] | None = None, subdirs: bool = True) -> Path:
+    """``outdir/samples.csv``: seed, label, prompt, path (relative to outdir) per PNG, what ``epd evaluate`` reads.
+    Labels / prompts are cycled over the seeds as :func:`generate` does; the other column stays empty."""
+    import csv
+    import io
+
+    from .io import atomic_write
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["seed", "label", "prompt", "path"])
+    for i, seed in enumerate(seeds):
+        label = labels[i % len(labels)] if labels else ""
+        prompt = prompts[i % len(prompts)] if prompts else ""
+        w.writerow([seed, label, prompt, png_path(seed, subdirs)])
+    outdir.mkdir(parents=True, exist_ok=True)
+    atomic_write(outdir / "samples.csv", buf.getvalue().encode())
+    return outdir / "samples.csv"
 
 
 def save_grid(images: torch.Tensor, path: Path, zoom: int | None = None) -> None:
