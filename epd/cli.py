@@ -37,13 +37,30 @@ def _backbone_options(args) -> dict:
     return {"component_std": args.component_std, "resolution": args.resolution or 8, "guidance": guidance}
 
 
+def _json_arg(value: str | None, flag: str) -> dict:
+    """A JSON object given inline or as a path to a .json file (``--backend-config``)."""
+    import json
+
+    if not value:
+        return {}
+    text = Path(value).read_text() if value.strip().endswith(".json") else value
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not valid JSON ({e}): {value!r}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{flag} must be a JSON object of backbone options, got {value!r}")
+    return data
+
+
 def _cmd_sample(args) -> int:
     from .backbones import load_backbone
-    from .sample import generate, parse_seeds, read_prompts, save_grid, save_pngs
+    from .sample import generate, parse_seeds, read_prompts, save_grid, save_pngs, write_manifest
     from .solvers import load_table
     from .solvers.plan import configure
 
-    backbone = load_backbone(args.backbone, **_backbone_options(args))
+    options = {**_backbone_options(args), **_json_arg(args.backend_config, "--backend-config")}  # JSON overrides
+    backbone = load_backbone(args.backbone, **options)
     table = load_table(args.table) if args.table else None
     solver = args.solver
     if table is not None:
@@ -69,6 +86,8 @@ def _cmd_sample(args) -> int:
         import torch
 
         save_grid(torch.cat(collected), outdir / "grid.png")
+    else:
+        write_manifest(outdir, seeds, labels=labels, prompts=prompts, subdirs=args.subdirs)
     print(f"{len(seeds)} samples, solver={solver} nfe={run.nfe} -> {outdir / 'grid.png' if args.grid else outdir}")
     return 0
 
@@ -170,6 +189,29 @@ def _cmd_rdpo(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    weights = {}
+    for item in args.weights:
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            raise ValueError(f"--weights takes METRIC=PATH (e.g. hpsv2=models/HPS_v2.1_compressed.pt), got {item!r}")
+        weights[key] = path
+    if not args.metrics and not args.write_reference_stats:
+        raise ValueError("give --metrics (and/or --write-reference-stats)")
+    summary = evaluate(args.samples, args.metrics or [], args.out, weights=weights,
+                       reference_stats=args.reference_stats, write_reference_stats=args.write_reference_stats,
+                       batch_size=args.batch, device=args.device, progress=not args.no_progress)
+    for metric, s in summary.items():
+        print(f"{metric}: " + (f"{s['value']:.4f}" if "value" in s else
+                               "n/a" if s["mean"] is None else f"{s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})"))
+    wrote = [f"{args.out}/per_image.csv, summary.json"] if args.out and args.metrics else []
+    wrote += [args.write_reference_stats] if args.write_reference_stats else []
+    print(f"wrote {' and '.join(wrote)}")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .report import write_report
 
@@ -202,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="write one grid.png instead of one PNG per seed")
     p.add_argument("--subdirs", action=argparse.BooleanOptionalAction, default=True,
                    help="group PNGs in folders of 1000 seeds (default on)")
+    p.add_argument("--backend-config",
+                   help='backbone options as a JSON object (inline or a .json file), overriding the flags, e.g. '
+                        '\'{"max_batch": 8, "load_options": {"variant": "fp16"}}\'')
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_sample)
 
@@ -308,6 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="samples per batch in the comparison")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_rdpo)
+
+    p = sub.add_parser("evaluate", help="score a sample folder (samples.csv + PNGs): per-image CSV and summary JSON")
+    p.add_argument("--samples", required=True, help="folder written by `epd sample` (samples.csv + PNGs)")
+    p.add_argument("--metrics", nargs="+", metavar="M",
+                   help="fd_digits label_accuracy label_logprob realism (digits); hpsv2 pickscore imagereward clip "
+                        "aesthetic mps fid (text-to-image)")
+    p.add_argument("--out", help="output folder: per_image.csv and summary.json")
+    p.add_argument("--weights", nargs="*", default=[], metavar="KEY=PATH",
+                   help="local weights by key: hpsv2, pickscore, imagereward, clip, aesthetic, mps, clip_h (CLIP-H "
+                        "processor folder for pickscore/mps), inception (FID)")
+    p.add_argument("--reference-stats", help="fid: .npz with mu and sigma of the reference Inception features")
+    p.add_argument("--write-reference-stats", metavar="FILE",
+                   help="save this sample set's Inception statistics as an FID reference (.npz)")
+    p.add_argument("--batch", type=int, default=32, help="images per scoring batch")
+    p.add_argument("--device", help="scorers' device (default cuda if there is one, else cpu)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("report", help="summary table (solver x NFE x metrics) and plots of a pipeline's results")
     p.add_argument("--results", required=True,
