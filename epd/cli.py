@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import schedules
+from . import schedules, tracking
 from .solvers import BASELINES
 
 
@@ -86,8 +86,12 @@ def _cmd_sample(args) -> int:
         import torch
 
         save_grid(torch.cat(collected), outdir / "grid.png")
+        tracking.log_artifact(outdir / "grid.png")
     else:
         write_manifest(outdir, seeds, labels=labels, prompts=prompts, subdirs=args.subdirs)
+    tracking.set_tags({"solver": solver, "nfe": run.nfe, "backbone": backbone.name,
+                       "schedule": table.meta.schedule if table is not None else args.schedule})
+    tracking.log_metrics({"num_samples": len(seeds)})
     print(f"{len(seeds)} samples, solver={solver} nfe={run.nfe} -> {outdir / 'grid.png' if args.grid else outdir}")
     return 0
 
@@ -102,11 +106,14 @@ def _cmd_benchmark(args) -> int:
     )
     print(main(cfg, Path(args.outdir), progress=not args.no_progress))
     print(f"wrote {Path(args.outdir) / 'benchmark.csv'} and {Path(args.outdir) / 'benchmark.md'}")
+    for name in ("benchmark.csv", "benchmark.md"):
+        tracking.log_artifact(Path(args.outdir) / name)
     return 0
 
 
 def _cmd_teacher(args) -> int:
     from .solvers.plan import plan_for_nfe
+    from .sample import parse_seeds
     from .teacher import TeacherConfig, write_teacher
 
     num_steps = args.num_steps or plan_for_nfe("epd", args.nfe).num_steps
@@ -114,7 +121,10 @@ def _cmd_teacher(args) -> int:
     cfg = TeacherConfig(backbone=args.backbone, backbone_options=_backbone_options(args), schedule=args.schedule,
                         num_steps=num_steps, rho=args.rho, solver=args.solver, inserted_steps=args.inserted_steps,
                         seeds=args.seeds, labels=labels, batch_size=args.batch, shard_size=args.shard_size)
+    tracking.log_params({"teacher": cfg.to_json(), "teacher.config_hash": cfg.hash})
     wrote = write_teacher(cfg, args.out, progress=not args.no_progress)
+    tracking.log_metrics({"num_samples": len(parse_seeds(cfg.seeds)), "wrote": int(wrote)})
+    tracking.log_artifact(Path(args.out) / "manifest.json")
     print(f"{'wrote' if wrote else 'up to date, nothing written:'} {args.out} (config {cfg.hash})")
     return 0
 
@@ -126,7 +136,13 @@ def _cmd_distill(args) -> int:
                         batch_size=args.batch, lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
                         scale_bound=args.scale_bound, final_weight=args.final_weight)
     expect = {k: v for k, v in (("backbone", args.backbone), ("schedule", args.schedule)) if v is not None}
+    tracking.log_params({"distill": cfg.to_json()})
     table = distill(args.teacher, args.out, cfg, expect=expect, progress=not args.no_progress)
+    meta = table.meta
+    tracking.set_tags({"solver": "epd_plugin" if meta.plugin else "epd", "nfe": meta.nfe, "backbone": meta.backbone,
+                       "schedule": meta.schedule})
+    for suffix in (".json", ".safetensors", ".loss.csv", ".loss.png"):
+        tracking.log_artifact(f"{args.out}{suffix}", "table")
     print(f"wrote {args.out}.json (nfe={table.meta.nfe}, K={table.meta.num_points}, plugin={table.meta.plugin})")
     return 0
 
@@ -217,6 +233,54 @@ def _cmd_report(args) -> int:
 
     print(write_report(args.results, args.out), end="")
     print(f"wrote {Path(args.out)}/summary.md, summary.csv, quality_vs_nfe.png, curves.png, grids.png")
+    return 0
+
+
+def _add_tracking_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tracking (MLflow; off unless a store is given)")
+    g.add_argument("--tracking-uri", dest="tracking_uri", metavar="URI",
+                   help="MLflow store, e.g. sqlite:///mlruns/mlflow.db (default: $MLFLOW_TRACKING_URI, or the "
+                        "--parent-run file's)")
+    g.add_argument("--experiment", dest="tracking_experiment", metavar="NAME",
+                   help="MLflow experiment (default: the parent run's, $MLFLOW_EXPERIMENT_NAME, or epd)")
+    g.add_argument("--parent-run", dest="tracking_parent", metavar="FILE",
+                   help="file written by `epd pipeline-run start`: nest this stage's run under that pipeline run")
+    g.add_argument("--run-name", dest="tracking_run_name", metavar="NAME",
+                   help="MLflow run name (default: stage and output name)")
+
+
+def _stage_run(args, argv: list[str]):
+    """The MLflow run around one stage: params are its resolved arguments, tags what runs are compared by."""
+    if not hasattr(args, "tracking_parent"):   # `epd pipeline-run` itself
+        import contextlib
+
+        return contextlib.nullcontext()
+    import shlex
+
+    params = {k: v for k, v in vars(args).items() if k not in ("func", "command") and not k.startswith("tracking_")}
+    out = next((getattr(args, k) for k in ("out", "outdir") if getattr(args, k, None)), None)
+    name = args.tracking_run_name or (f"{args.command} {Path(out).name}" if out else args.command)
+    tags = {k: getattr(args, k, None) for k in ("backbone", "solver", "schedule", "nfe")}
+    return tracking.stage_run(args.command, uri=args.tracking_uri, experiment=args.tracking_experiment,
+                              parent=args.tracking_parent, run_name=name, params=params, tags=tags,
+                              command=shlex.join(["epd", *argv]))
+
+
+def _cmd_pipeline_run(args) -> int:
+    if args.action == "end":
+        info = tracking.end_pipeline_run(args.file, status=args.status)
+    else:
+        config = None
+        if args.config:
+            import yaml
+
+            config = yaml.safe_load(Path(args.config).read_text())
+            if not isinstance(config, dict):
+                raise ValueError(f"{args.config} is not a YAML mapping (expected the layout of config/config.yaml)")
+        info = tracking.start_pipeline_run(args.out, uri=args.tracking_uri, experiment=args.tracking_experiment,
+                                           run_name=args.tracking_run_name, config=config, config_path=args.config)
+    where = f"run {info['run_id']} in {info['tracking_uri']}" if info["tracking_uri"] else "untracked (no store)"
+    print(f"pipeline run {'ended' if args.action == 'end' else 'started'}: {info['experiment']}, {where}")
     return 0
 
 
@@ -377,13 +441,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "tables/*.loss.csv and *.metrics.csv")
     p.add_argument("--out", required=True, help="output folder: summary.md/.csv, quality_vs_nfe.png, curves.png, grids.png")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("pipeline-run", help="open or close the MLflow pipeline run that stage runs nest under")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("start", help="create the pipeline run; write FILE for the stages' --parent-run")
+    a.add_argument("--out", required=True, help="pipeline-run file (JSON) to write")
+    a.add_argument("--config", help="workflow config: its experiment and tracking.uri; logged as params + artifact")
+    a.add_argument("--tracking-uri", dest="tracking_uri",
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else the config's tracking.uri; none: untracked)")
+    a.add_argument("--experiment", dest="tracking_experiment", help="MLflow experiment (default: the config's)")
+    a.add_argument("--run-name", dest="tracking_run_name", help="default: '<experiment> pipeline'")
+    a = actions.add_parser("end", help="close the pipeline run recorded in FILE")
+    a.add_argument("file", help="pipeline-run file written by `epd pipeline-run start`")
+    a.add_argument("--status", choices=tracking.STATUSES, default="FINISHED")
+    p.set_defaults(func=_cmd_pipeline_run)
+
+    # Contract 5: the tracking flags on every stage, added once here. Keep this loop after the last add_parser.
+    for name, stage in sub.choices.items():
+        if name != "pipeline-run":
+            _add_tracking_args(stage)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _stage_run(args, argv):
+            return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # TableError is a ValueError
         print(f"epd {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from . import tracking
 from .backbones import load_backbone
 from .io import atomic_write
 from .solvers import SolverTable, handset_table, sample_epd, save_table
@@ -175,6 +176,7 @@ def distill(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: Distill
     opt = torch.optim.Adam(params.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     it, losses = _load_checkpoint(out, params, opt, gen, run_hash)
+    logged = 0   # iterations already sent to MLflow; a resumed run sends the checkpoint's history first
     states, labels = data["states"].double(), data["labels"]
     conditional = bool((labels >= 0).any())
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +197,8 @@ def distill(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: Distill
         bar.set_postfix(loss=f"{losses[-1]:.3e}")
         if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
             _save_checkpoint(out, params, opt, gen, it, losses, run_hash)
+            tracking.log_metric_history("loss", losses[logged:], range(logged + 1, it + 1))
+            logged = it
         if stop_after is not None and it >= stop_after and it < cfg.iterations:
             bar.close()
             return None
@@ -207,6 +211,7 @@ def distill(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: Distill
                                        "teacher_config_hash": manifest["config_hash"], "final_loss": losses[-1],
                                        "seconds": time.perf_counter() - t0})
     write_loss_curve(losses, out)
+    tracking.log_metrics({"final_loss": losses[-1]})
     for p in _checkpoint_paths(out):
         p.unlink(missing_ok=True)
     return table
