@@ -178,3 +178,36 @@ def test_evaluate_fid_against_written_reference(colour_samples, tmp_path):
         values.append(json.loads((out / "summary.json").read_text())["fid"]["value"])
     assert abs(values[0]) < 1e-6 * max(1.0, values[1])    # a set against its own statistics
     assert values[1] > 0
+
+
+# --- experiment configs -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, backbone, guidance, resolution", [("sd15", "sd15", 7.5, 512),
+                                                                  ("sd3_512", "sd3", 4.5, 512),
+                                                                  ("sd3_1024", "sd3", 4.5, 1024)])
+def test_text_to_image_configs(name, backbone, guidance, resolution):
+    """Upstream's settings: 10 EPD steps with K = 2, its guidance and resolution, an HPSv2.1 reward; the metric
+    names are evaluate's, and the train and evaluation prompts are disjoint files that exist."""
+    import yaml
+
+    from epd.evaluate import METRICS
+    from epd.solvers.plan import plan_for_nfe
+
+    root = __import__("pathlib").Path(__file__).parents[1]
+    cfg = yaml.safe_load((root / "config" / f"{name}.yaml").read_text())
+    base = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    assert cfg.keys() == base.keys()
+    assert cfg["backbone"]["name"] == backbone
+    assert cfg["backbone"]["options"]["guidance"] == guidance
+    assert cfg["backbone"]["options"]["resolution"] == resolution
+    assert [plan_for_nfe("epd", n).num_steps - 1 for n in cfg["distill"]["nfe"]] == [10]
+    assert cfg["distill"]["num_points"] == 2
+    assert cfg["rdpo"]["reward"] == {"hpsv2": 1.0}
+    assert set(cfg["evaluate"]["metrics"]) <= set(METRICS)
+    train = (root / cfg["rdpo"]["prompts"]).read_text().splitlines()
+    held = (root / cfg["sample"]["prompts"]).read_text().splitlines()
+    assert len(train) >= 32 and len(held) >= 32 and not set(train) & set(held)
+    schema = root / "workflow" / "schemas" / "config.schema.yaml"
+    if schema.exists():
+        jsonschema = pytest.importorskip("jsonschema")
+        jsonschema.validate(cfg, yaml.safe_load(schema.read_text()))
