@@ -106,8 +106,6 @@ def _cmd_benchmark(args) -> int:
     )
     print(main(cfg, Path(args.outdir), progress=not args.no_progress))
     print(f"wrote {Path(args.outdir) / 'benchmark.csv'} and {Path(args.outdir) / 'benchmark.md'}")
-    for name in ("benchmark.csv", "benchmark.md"):
-        tracking.log_artifact(Path(args.outdir) / name)
     return 0
 
 
