@@ -6,8 +6,9 @@ import pytest
 import torch
 from scipy import linalg
 
-from epd.backbones import load_backbone
-from epd.benchmark import BenchConfig, main, reference_solution
+from epd.backbones import Backbone, load_backbone
+from epd.backbones.base import DataPoints
+from epd.benchmark import BenchConfig, cycled_labels, data_targets, main, reference_solution
 from epd.metrics import frechet_distance, gaussian_stats
 from epd.solvers import handset_table, save_table
 
@@ -59,10 +60,12 @@ def test_tiny_benchmark_run(tmp_path):
     for r in rows:
         assert int(r["measured_nfe"]) == int(r["nfe"])
         assert 0 <= float(r["agree"]) <= 1 and 0 <= float(r["overhead"]) < 1
+        assert 0 <= float(r["label_acc"]) <= 1 and float(r["fd_digits"]) >= 0
     by = {(r["solver"], int(r["nfe"]), int(r["seed_set"])): r for r in rows}
     for solver in ("euler", "dpmpp_2m", "epd"):  # more NFE, closer to the exact solution
         assert float(by[(solver, 9, 0)]["rms"]) < float(by[(solver, 3, 0)]["rms"])
     assert "NFE 3" in report and "dpmpp_2m@logsnr" in report
+    assert "## FD-digits" in report and "## Label accuracy" in report and "labels 0,1,2,3,4,5,6,7,8,9 cycled" in report
     assert (tmp_path / "benchmark.md").read_text() == report
 
 
@@ -84,3 +87,67 @@ def test_nearest_component_is_the_nearest_data_point():
     brute = torch.cdist(x.reshape(200, -1), g.components).argmin(1)
     assert torch.equal(g.nearest_component(x), brute)
     assert torch.equal(g.nearest_component(x.float()), brute)
+
+
+def test_tiny_unet_benchmark_run(tmp_path):
+    """The same code path on the learned backbone: conditional samples, FD-digits and label accuracy per cell."""
+    cfg = BenchConfig(backbone="unet-digits", solvers=["euler", "dpmpp_3m"], schedules=["logsnr"], nfes=[3, 9],
+                      num_samples=100, seed_sets=1, batch_size=100, reference_steps=32, reference_check=20)
+    report = main(cfg, tmp_path, progress=False)
+    by = {(r["solver"], int(r["nfe"])): r for r in csv.DictReader((tmp_path / "benchmark.csv").open())}
+    assert sorted(by) == [("dpmpp_3m", 3), ("dpmpp_3m", 9), ("euler", 3), ("euler", 9)]
+    for solver in ("euler", "dpmpp_3m"):  # more NFE: closer to the reference, and better digits
+        assert float(by[(solver, 9)]["rms"]) < float(by[(solver, 3)]["rms"])
+        assert float(by[(solver, 9)]["fd_digits"]) < float(by[(solver, 3)]["fd_digits"])
+    assert float(by[("dpmpp_3m", 9)]["label_acc"]) >= 0.9       # the network draws the requested digit
+    assert all(r["backbone"] == "unet-digits" for r in by.values())
+    assert "unet-digits" in report and "## Label accuracy" in report
+
+
+def test_unconditional_run_has_no_label_accuracy(tmp_path):
+    cfg = BenchConfig(solvers=["euler"], schedules=["logsnr"], nfes=[5], num_samples=50, seed_sets=1,
+                      reference_steps=32, reference_check=10, labels=None)
+    report = main(cfg, tmp_path, progress=False)
+    row = next(csv.DictReader((tmp_path / "benchmark.csv").open()))
+    assert np.isnan(float(row["label_acc"])) and float(row["fd_digits"]) > 0
+    assert "## Label accuracy" not in report and "unconditional" in report
+
+
+def test_class_balanced_weights_and_stats(gmm):
+    """Labels cycling 0-9 weigh each class 1/10, spread uniformly over its points; the stats are those moments."""
+    labels = cycled_labels(list(range(10)), 1000)
+    w = gmm.data.weights(labels)
+    assert w.sum() == pytest.approx(1.0)
+    for c in range(10):
+        in_class = (gmm.component_labels == c).numpy()
+        assert w[in_class].sum() == pytest.approx(0.1)
+        assert np.ptp(w[in_class]) < 1e-15
+    assert np.allclose(gmm.data.weights(None), 1 / len(gmm.data))
+    assert np.allclose(gmm.data.weights(torch.full((7,), -1)), 1 / len(gmm.data))  # −1: unconditional
+    # Direct samples of the class-balanced mixture sit at sampling noise from its stats.
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.multinomial(torch.from_numpy(w), 20000, replacement=True, generator=gen)
+    samples = gmm.components[idx] + 0.1 * torch.randn(20000, 64, generator=gen, dtype=torch.float64)
+    assert frechet_distance(*gaussian_stats(samples), *gmm.data.stats(labels)) < 0.05
+    with pytest.raises(ValueError, match="no data point has label 11"):
+        gmm.data.weights(torch.tensor([11]))
+
+
+def test_unet_data_points_are_the_centred_training_digits():
+    from epd.data import digit_split
+
+    u = load_backbone("unet-digits")
+    split = digit_split()
+    assert len(u.data) == len(split.train_labels) and torch.equal(u.data.labels, split.train_labels)
+    assert torch.allclose(u.to_pixels(u.data.points.reshape(-1, 1, 8, 8)).double(), (split.train_images + 1) / 2,
+                          atol=1e-6)
+    x = u.noise(range(100), dtype=torch.float64) / 40
+    assert torch.equal(u.data.nearest(x), torch.cdist(x.reshape(100, -1), u.data.points).argmin(1))
+
+
+def test_backbone_without_data_points_is_refused():
+    class Bare(Backbone):
+        name = "bare"
+
+    with pytest.raises(ValueError, match="needs a backbone that models data points"):
+        data_targets(Bare(), None, None)

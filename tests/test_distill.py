@@ -135,3 +135,29 @@ def test_teacher_refusals_write_nothing(teacher_dir, tmp_path):
     with pytest.raises(TeacherError, match="corrupt"):
         distill(corrupt, tmp_path / "f", SMALL, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt"], "a refused run wrote something"
+
+
+def test_unet_digits_teacher_and_distill(tmp_path):
+    """Stage 1 on the learned backbone: a class-conditional teacher, and a distilled table that follows it better
+    than the hand-set table it starts from, on held-out seeds."""
+    cfg = TeacherConfig(backbone="unet-digits", schedule="time_uniform", num_steps=3, inserted_steps=3,
+                        seeds="2000-2127", labels=list(range(10)), batch_size=128)
+    assert write_teacher(cfg, tmp_path / "t", progress=False)
+    data = load_teacher(tmp_path / "t", expect={"backbone": "unet-digits"})
+    assert data["labels"].tolist() == [j % 10 for j in range(128)]
+    small = DistillConfig(nfe=3, iterations=25, batch_size=32, lr=0.05, checkpoint_every=20)
+    table = distill(tmp_path / "t", tmp_path / "epd", small, expect={"backbone": "unet-digits"}, progress=False)
+    assert table.meta.backbone == "unet-digits" and table.meta.schedule == "time_uniform"
+    losses = [float(line.split(",")[1]) for line in (tmp_path / "epd.loss.csv").read_text().splitlines()[1:]]
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+    u = load_backbone("unet-digits")
+    held_out = TeacherConfig(**{**cfg.to_json(), "seeds": "6000-6063"})
+    x, labels = u.noise(range(6000, 6064)), torch.arange(64) % 10
+    target = run_teacher(u, held_out, x, labels)[:, -1]
+    loaded = load_table(tmp_path / "epd.json", expect={"backbone": "unet-digits"})
+    start = handset_table(3, 2, afs=True, schedule="time_uniform", backbone="unet-digits")
+    with torch.no_grad():
+        err = {name: float(((sample_epd(u, x, t.meta.sigmas(), t, cond=labels) - target) ** 2).mean().sqrt())
+               for name, t in (("distilled", loaded), ("handset", start))}
+    assert err["distilled"] < 0.5 * err["handset"], err

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 
@@ -19,6 +20,7 @@ class Backbone:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     guidance: float = 1.0
+    data: "DataPoints | None" = None   # embedded backbones: the data points they model (what the benchmark needs)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         raise NotImplementedError
@@ -56,3 +58,55 @@ class CallCounter:
     @property
     def calls(self) -> int:
         return len(self.rows)
+
+
+class DataPoints:
+    """The data an embedded backbone models: centred points [M, D] (float64) with labels [M], each the centre of an
+    isotropic Gaussian of variance ``var`` (``gmm-digits``: its components; ``unet-digits``: its training digits,
+    var 0). The benchmark measures samples against them: the nearest point, and the exact moments of the data.
+    """
+
+    def __init__(self, points: torch.Tensor, labels: torch.Tensor, var: float = 0.0):
+        self.points = points.reshape(points.shape[0], -1).double()
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.var = float(var)
+        self._cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def in_dtype(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points and their half squared norms in ``dtype`` (cached: the conversion is per call otherwise)."""
+        if dtype not in self._cache:
+            pts = self.points.to(dtype)
+            self._cache[dtype] = (pts, 0.5 * (pts**2).sum(1))
+        return self._cache[dtype]
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Index of the point nearest to each row of x: argmax of x·μ_i − |μ_i|²/2 (|x|² is common to all i)."""
+        flat = x.reshape(x.shape[0], -1)
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+        pts, half_sq = self.in_dtype(flat.dtype)
+        return torch.addmm(-half_sq, flat, pts.T).argmax(1)
+
+    def weights(self, labels: torch.Tensor | None = None) -> np.ndarray:
+        """Each point's probability under samples requested with ``labels`` (a label picks uniformly among its
+        points, −1 among all); None: uniform over all points."""
+        m = len(self)
+        if labels is None:
+            return np.full(m, 1.0 / m)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        w = torch.zeros(m, dtype=torch.float64)
+        for c, count in zip(*torch.unique(labels, return_counts=True)):
+            mask = torch.ones(m, dtype=torch.bool) if c < 0 else self.labels == c
+            if not bool(mask.any()):
+                raise ValueError(f"no data point has label {int(c)}")
+            w += mask.double() * (float(count) / len(labels) / float(mask.sum()))
+        return w.numpy()
+
+    def stats(self, labels: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact mean and covariance of the modelled data (points with weights, plus var·I), float64."""
+        pts = self.points.numpy()
+        w = self.weights(labels)
+        cov = np.cov(pts, rowvar=False, aweights=w, bias=True) + self.var * np.eye(pts.shape[1])
+        return w @ pts, cov

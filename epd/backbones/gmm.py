@@ -17,7 +17,7 @@ import re
 import numpy as np
 import torch
 
-from .base import Backbone
+from .base import Backbone, DataPoints
 
 # Number words understood in prompts, besides the digits themselves.
 _WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -73,7 +73,7 @@ class GMMDigits(Backbone):
         self.shape = (1, resolution, resolution)
         self.guidance = float(guidance)
         self.chunk_rows = chunk_rows
-        self._cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.data = DataPoints(self.components, labels, self.component_var)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if cond is None or self.guidance == 1.0:
@@ -85,13 +85,6 @@ class GMMDigits(Backbone):
         w = torch.where(cond >= 0, self.guidance, 1.0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
         return d_u + w * (d_c - d_u)
 
-    def _components(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Components and their half squared norms in ``dtype`` (cached: the conversion is per call otherwise)."""
-        if dtype not in self._cache:
-            comps = self.components.to(dtype)
-            self._cache[dtype] = (comps, 0.5 * (comps**2).sum(1))
-        return self._cache[dtype]
-
     def responsibilities(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None):
         """Posterior component weights w_i(x, σ), [B, M], in x's precision (at least float32).
 
@@ -100,7 +93,7 @@ class GMMDigits(Backbone):
         """
         flat = x.reshape(x.shape[0], -1)
         flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-        comps, half_sq = self._components(flat.dtype)
+        comps, half_sq = self.data.in_dtype(flat.dtype)
         var = self.component_var + sigma.to(flat.dtype).reshape(-1, 1) ** 2
         logits = torch.addmm(-half_sq, flat, comps.T) / var
         if labels is not None:
@@ -110,10 +103,7 @@ class GMMDigits(Backbone):
 
     def nearest_component(self, x: torch.Tensor) -> torch.Tensor:
         """Index of the component (data point) nearest to each row: argmax of the σ → 0 logits."""
-        flat = x.reshape(x.shape[0], -1)
-        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-        comps, half_sq = self._components(flat.dtype)
-        return torch.addmm(-half_sq, flat, comps.T).argmax(1)
+        return self.data.nearest(x)
 
     def posterior_mean(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if sigma.shape != (x.shape[0],):
@@ -127,7 +117,7 @@ class GMMDigits(Backbone):
             w = self.responsibilities(xs, sig, None if labels is None else labels[sl])
             flat = xs.reshape(xs.shape[0], -1).to(w.dtype)
             s2, v = self.component_var, sig.to(w.dtype).reshape(-1, 1) ** 2
-            mean = (v * (w @ self._components(w.dtype)[0]) + s2 * flat) / (s2 + v)
+            mean = (v * (w @ self.data.in_dtype(w.dtype)[0]) + s2 * flat) / (s2 + v)
             out.append(mean.to(x.dtype).reshape(xs.shape))
         return torch.cat(out)
 
@@ -138,9 +128,7 @@ class GMMDigits(Backbone):
         only; against the bare digits a sampler that lands nearer the centres than the mixture would score better
         than the exact ODE.
         """
-        comps = self.components.numpy()
-        cov = np.cov(comps, rowvar=False, bias=True) + self.component_var * np.eye(comps.shape[1])
-        return comps.mean(0), cov
+        return self.data.stats()
 
     def encode(self, labels: list[int] | None = None, prompts: list[str] | None = None) -> torch.Tensor | None:
         """Conditioning for a batch: labels as given, or parsed from prompts; None if neither (unconditional)."""

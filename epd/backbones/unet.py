@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import cached_property
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..io import WeightsError, check_state_dict, load_weights
-from .base import Backbone
+from .base import Backbone, DataPoints
 from .gmm import labels_from_prompts
 
 KIND = "unet-digits"
@@ -229,3 +230,11 @@ class UNetDigits(Backbone):
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float().cpu() + self.data_mean).clamp(-1, 1) + 1) / 2
+
+    @cached_property
+    def data(self) -> DataPoints:
+        """The training digits, centred by the same mean image: what the network learnt to sample."""
+        from ..data import digit_split
+
+        split = digit_split()
+        return DataPoints(split.train_images - self.data_mean.double(), split.train_labels)
