@@ -231,7 +231,7 @@ def rdpo(start_table: str | Path, out: str | Path, cfg: RDPOConfig, *, backbone:
     if step > cfg.steps:
         raise ValueError(f"{ckpt_path(out)} is at step {step}, beyond steps={cfg.steps}; delete it to start over")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tracking.log_params({**cfg.to_json(), "start_table": str(start_table), "num_prompts": len(prompts)})
+    tracking.log_params({"rdpo": {**cfg.to_json(), "start_table": str(start_table), "num_prompts": len(prompts)}})
     provenance = {"rdpo": cfg.to_json(), "start_table": str(start_table), "backbone_options": backbone_options or {},
                   "reward": getattr(reward, "weights", reward.name), "num_prompts": len(prompts)}
     t0 = time.perf_counter()
