@@ -286,7 +286,7 @@ def test_imagereward_vision_tower_is_blips_timm_vit(weights):
 
 def test_mps_pickled_model_read_without_running_it(weights, tmp_path):
     """The whole-model pickle gives exactly the module's state dict, and code hidden in a pickle does not run."""
-    from epd.rewards.t2i.common import pickled_module_state_dict
+    from epd.rewards.t2i.pickled import pickled_module_state_dict
 
     got = pickled_module_state_dict(weights["mps"])
     want = {k: v for k, v in weights["_mps_state"].items()}

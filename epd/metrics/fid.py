@@ -2,7 +2,7 @@
 
 Features come from torch-fidelity's ``FeatureExtractorInceptionV3`` (the TF-Inception port that torchmetrics' FID
 also uses: bilinear resize to 299 as TF 1.x did, the 2015-12-05 weights), loaded from a local file. torch-fidelity
-reads that file with ``torch.load(weights_only=False)``; we route its load through ``weights_only=True`` (or
+would read that file with weights_only=False; we hand it the state dict we read with weights_only=True (or from
 safetensors), so no pickle code runs. The reference is a statistics file, ``.npz`` with ``mu`` [2048] and
 ``sigma`` [2048, 2048] (read with ``allow_pickle=False``), which ``save_reference_stats`` writes; the distance is
 :func:`epd.metrics.frechet.frechet_distance`.
