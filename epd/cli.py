@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fd_digits label_accuracy label_logprob realism (digits); hpsv2 pickscore imagereward clip "
                         "aesthetic mps fid (text-to-image)")
     p.add_argument("--out", help="output folder: per_image.csv and summary.json")
-    p.add_argument("--weights", nargs="*", default=[], metavar="KEY=PATH",
+    p.add_argument("--weights", nargs="+", action="extend", default=[], metavar="KEY=PATH",
                    help="local weights by key: hpsv2, pickscore, imagereward, clip, aesthetic, mps, clip_h (CLIP-H "
                         "processor folder for pickscore/mps), inception (FID)")
     p.add_argument("--reference-stats", help="fid: .npz with mu and sigma of the reference Inception features")
