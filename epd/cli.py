@@ -448,12 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline-run", help="open or close the MLflow pipeline run that stage runs nest under")
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("start", help="create the pipeline run; write FILE for the stages' --parent-run")
-    a.add_argument("--out", required=True, help="pipeline-run file (JSON) to write")
-    a.add_argument("--config", help="workflow config: its experiment and tracking.uri; logged as params + artifact")
-    a.add_argument("--tracking-uri", dest="tracking_uri",
+    a.add_argument("--out", required=True, metavar="FILE", help="pipeline-run file (JSON) to write")
+    a.add_argument("--config", metavar="YAML", help="workflow config: its experiment and tracking.uri; logged as params + artifact")
+    a.add_argument("--tracking-uri", dest="tracking_uri", metavar="URI",
                    help="MLflow store (default: $MLFLOW_TRACKING_URI, else the config's tracking.uri; none: untracked)")
-    a.add_argument("--experiment", dest="tracking_experiment", help="MLflow experiment (default: the config's)")
-    a.add_argument("--run-name", dest="tracking_run_name", help="default: '<experiment> pipeline'")
+    a.add_argument("--experiment", dest="tracking_experiment", metavar="NAME",
+                   help="MLflow experiment (default: the config's)")
+    a.add_argument("--run-name", dest="tracking_run_name", metavar="NAME", help="default: '<experiment> pipeline'")
     a = actions.add_parser("end", help="close the pipeline run recorded in FILE")
     a.add_argument("file", help="pipeline-run file written by `epd pipeline-run start`")
     a.add_argument("--status", choices=tracking.STATUSES, default="FINISHED")

@@ -38,6 +38,7 @@ DEFAULT_EXPERIMENT = "epd"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 _RETRIES = 10                 # backoff 0.1 s · 2^i, capped at 5 s: ~25 s in all before an error is raised
 _BATCH = {"metrics": 1000, "params": 100, "tags": 100}   # MLflow's log_batch limits
+_MAX_VALUE = {"params": 6000, "tags": 8000}              # and its longest param and tag values
 
 
 class TrackingError(ValueError):
@@ -176,6 +177,7 @@ def log_params(params: Mapping[str, Any]) -> None:
 
     new = {}
     for key, value in flatten(params).items():
+        value = value[:_MAX_VALUE["params"]]
         if key in run.params and run.params[key] != value:
             raise TrackingError(f"MLflow param {key!r} was logged as {run.params[key]!r}; it cannot change to "
                                 f"{value!r} (params are write-once: log a metric or a tag instead)")
@@ -216,7 +218,8 @@ def set_tags(tags: Mapping[str, Any]) -> None:
         return
     from mlflow.entities import RunTag
 
-    run.store.log_batch(run.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v is not None])
+    run.store.log_batch(run.run_id, tags=[RunTag(k, str(v)[:_MAX_VALUE["tags"]]) for k, v in tags.items()
+                                          if v is not None])
 
 
 def log_artifact(path: str | os.PathLike, artifact_path: str | None = None) -> None:
@@ -251,8 +254,12 @@ def read_pipeline_run(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _system_tags(stage: str, command: str | None) -> dict[str, str]:
-    tags = {"stage": stage, "mlflow.source.name": f"epd {stage}", "mlflow.source.type": "LOCAL",
-            "mlflow.user": getpass.getuser(), "epd.command": command, "slurm.job_id": os.environ.get("SLURM_JOB_ID")}
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):   # a container user without a passwd entry
+        user = None
+    tags = {"stage": stage, "mlflow.source.name": f"epd {stage}", "mlflow.source.type": "LOCAL", "mlflow.user": user,
+            "epd.command": command, "slurm.job_id": os.environ.get("SLURM_JOB_ID")}
     return {k: v for k, v in tags.items() if v}
 
 
@@ -291,7 +298,8 @@ def stage_run(stage: str, *, uri: str | None = None, experiment: str | None = No
     else:
         experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         experiment_id = store.experiment_id(experiment, artifact_location(uri, experiment))
-    all_tags = {**_system_tags(stage, command), **{k: str(v) for k, v in (tags or {}).items() if v is not None}}
+    all_tags = {k: str(v)[:_MAX_VALUE["tags"]] for k, v in {**_system_tags(stage, command), **(tags or {})}.items()
+                if v is not None}
     if info:
         all_tags["mlflow.parentRunId"] = info["run_id"]
     run = store.call(store.client.create_run, experiment_id, run_name=run_name, tags=all_tags)

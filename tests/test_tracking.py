@@ -211,14 +211,38 @@ def test_eight_concurrent_writers_lose_nothing(project):
     assert [p.returncode for p in procs] == [0] * 8, "\n".join(outputs)
 
     client = _client(project)
-    assert [e.name for e in client.search_experiments()] .count("race") == 1
+    assert [e.name for e in client.search_experiments()].count("race") == 1
     runs = client.search_runs([client.get_experiment_by_name("race").experiment_id], max_results=100)
     assert sorted(r.info.run_name for r in runs) == [f"w{i}" for i in range(8)]
     for run in runs:
         i = int(run.data.params["writer"])
-        assert run.info.status == "FINISHED" and run.data.tags["done"] == "yes" and run.data.tags["solver"] == f"s{i % 2}"
+        assert run.info.status == "FINISHED" and run.data.tags["done"] == "yes"
+        assert run.data.tags["solver"] == f"s{i % 2}"
         values = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "value"))
         assert values == [(s, i * 100 + s) for s in range(20)]
         assert len(client.get_metric_history(run.info.run_id, "curve")) == 50
         local = Path(client.download_artifacts(run.info.run_id, f"art-{i}.txt", str(project / f"dl-{i}")))
         assert local.read_text() == f"writer {i}"
+
+
+def test_resumed_distillation_logs_the_whole_loss_curve(tracked):
+    """A distillation cut after a checkpoint and rerun: the second run's curve starts at iteration 1, not at the
+    resume point, and equals OUT.loss.csv."""
+    from epd.distill import DistillConfig, distill
+    from epd.teacher import TeacherConfig, write_teacher
+
+    project = tracked
+    write_teacher(TeacherConfig(num_steps=3, inserted_steps=1, seeds="0-15", batch_size=16), project / "t",
+                  progress=False)
+    cfg = DistillConfig(nfe=3, iterations=12, batch_size=8, checkpoint_every=5)
+    with tracking.stage_run("distill", uri=STORE, run_name="cut") as cut:
+        assert distill(project / "t", project / "d", cfg, progress=False, stop_after=7) is None
+    with tracking.stage_run("distill", uri=STORE, run_name="resumed") as resumed:
+        distill(project / "t", project / "d", cfg, progress=False)
+    client = _client(project)
+    assert [m.step for m in client.get_metric_history(cut, "loss")] == [1, 2, 3, 4, 5]   # up to the checkpoint
+    history = sorted((m.step, m.value) for m in client.get_metric_history(resumed, "loss"))
+    with open(project / "d.loss.csv") as f:
+        expected = [(int(r["iteration"]), float(r["loss"])) for r in csv.DictReader(f)]
+    assert [s for s, _ in history] == list(range(1, 13))
+    assert [v for _, v in history] == pytest.approx([v for _, v in expected], rel=1e-6)
