@@ -23,6 +23,8 @@ import getpass
 import json
 import os
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,6 +265,26 @@ def _system_tags(stage: str, command: str | None) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v}
 
 
+class _Terminated(SystemExit):
+    """SIGTERM (scancel, a SLURM time limit, Snakemake stopping a job) as an exception, so the run is closed."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated(128 + signum)   # the exit status a shell reports for a process killed by the signal
+
+
+@contextlib.contextmanager
+def _closing_on_sigterm() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, *, uri: str | None = None, experiment: str | None = None,
               parent: str | os.PathLike | None = None, run_name: str | None = None,
@@ -273,7 +295,8 @@ def stage_run(stage: str, *, uri: str | None = None, experiment: str | None = No
     The store is ``uri``, else the pipeline-run file's, else ``$MLFLOW_TRACKING_URI``; none of them: tracking is
     off and this does nothing. With ``parent`` (a pipeline-run file) the run is nested under the pipeline run, in
     its experiment; otherwise the experiment is ``experiment``, else ``$MLFLOW_EXPERIMENT_NAME``, else ``epd``.
-    The run ends FINISHED, or FAILED (KILLED on Ctrl-C) if the stage raises.
+    The run ends FINISHED, or FAILED if the stage raises, or KILLED on Ctrl-C or SIGTERM (the process then exits
+    with status 143, as it would have without tracking).
     """
     global _active
     info = read_pipeline_run(parent) if parent is not None else {}
@@ -306,10 +329,11 @@ def stage_run(stage: str, *, uri: str | None = None, experiment: str | None = No
     previous, _active = _active, _Run(store, run.info.run_id)
     status = "FAILED"
     try:
-        log_params(params or {})
-        yield run.info.run_id
+        with _closing_on_sigterm():
+            log_params(params or {})
+            yield run.info.run_id
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated):
         status = "KILLED"
         raise
     finally:

@@ -246,3 +246,22 @@ def test_resumed_distillation_logs_the_whole_loss_curve(tracked):
         expected = [(int(r["iteration"]), float(r["loss"])) for r in csv.DictReader(f)]
     assert [s for s, _ in history] == list(range(1, 13))
     assert [v for _, v in history] == pytest.approx([v for _, v in expected], rel=1e-6)
+
+
+def test_sigterm_closes_the_run_as_killed(tracked):
+    """scancel / a SLURM time limit sends SIGTERM: the run must not stay RUNNING forever."""
+    code = textwrap.dedent("""
+        import time
+        from epd import tracking
+        with tracking.stage_run("long", uri="sqlite:///mlruns/mlflow.db", run_name="long"):
+            print("started", flush=True)
+            time.sleep(120)
+    """)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tracked, env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    proc.terminate()
+    assert proc.wait(timeout=60) == 143
+    client = _client(tracked)
+    (run,) = client.search_runs([client.get_experiment_by_name("epd").experiment_id])
+    assert run.info.run_name == "long" and run.info.status == "KILLED"
