@@ -89,3 +89,15 @@ def test_tiny_pipeline_run_noop_forcerun(tmp_path):
         assert any(p.startswith(f"results/tiny/{group}") for p in changed), f"{group} was not rerun"
     assert not any(p.startswith(("results/tiny/teacher/", "results/tiny/samples/euler", "results/tiny/eval/euler"))
                    for p in changed)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.yaml") if p.name != "config.yaml"))
+def test_experiment_configs_plan(name):
+    """Every experiment config passes the schema and plans its pipeline by --configfile, replacing the default
+    (not merged into it: no gmm-digits option reaches another backbone)."""
+    cfg = yaml.safe_load((REPO / "config" / name).read_text())
+    out = run(REPO, "snakemake", "-n", "-p", "--forceall", "--cores", "1", "--configfile", f"config/{name}")
+    assert out.returncode == 0, out.stdout
+    teacher = re.search(r"(?m)^Shell command: (epd teacher .*)$", out.stdout)[1]
+    assert f"--backbone {cfg['backbone']['name']} " in teacher and "--component-std" not in teacher
+    assert f"results/{cfg['experiment']}/report/summary.md" in out.stdout
