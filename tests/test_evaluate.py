@@ -144,9 +144,9 @@ def test_evaluate_text_to_image_scorers(colour_samples, tmp_path):
     save_clip(tmp_path / "clip", seed=6)
     save_aesthetic(tmp_path / "aes.pth")
     out = tmp_path / "eval"
-    assert main(["evaluate", "--samples", str(colour_samples[0]), "--metrics", "clip", "aesthetic", "--weights",
-                 f"clip={tmp_path / 'clip'}", "--weights", f"aesthetic={tmp_path / 'aes.pth'}", "--device", "cpu", "--batch", "4",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert main(["evaluate", "--samples", str(colour_samples[0]), "--metrics", "clip", "aesthetic",
+                 "--weights", f"clip={tmp_path / 'clip'}", "--weights", f"aesthetic={tmp_path / 'aes.pth'}",
+                 "--device", "cpu", "--batch", "4", "--out", str(out), "--no-progress"]) == 0
     per = _rows(out / "per_image.csv")
     summary = json.loads((out / "summary.json").read_text())
     images = torch.stack([torch.from_numpy(np.array(Image.open(colour_samples[0] / r["path"]))).permute(2, 0, 1)

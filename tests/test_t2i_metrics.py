@@ -186,9 +186,7 @@ def weights(tmp_path_factory):
     save_clip(tmp / "pickscore", seed=5)
     save_clip(tmp / "clip", seed=6)
     save_clip_processor(tmp / "clip_h")
-    from transformers import CLIPConfig  # noqa: F401  (the MPS folder needs the CLIP-H config.json too)
-
-    tiny_clip_config().save_pretrained(tmp / "clip_h")
+    tiny_clip_config().save_pretrained(tmp / "clip_h")   # MPS builds its CLIP-H from this folder's config.json
     mps, mps_state = save_mps(tmp)
     return {"hpsv2": hps, "pickscore": tmp / "pickscore", "clip": tmp / "clip", "clip_h": tmp / "clip_h",
             "aesthetic": save_aesthetic(tmp / "sac+logos+ava1-l14-linearMSE.pth"),
