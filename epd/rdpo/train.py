@@ -30,7 +30,7 @@ from .. import tracking
 from ..backbones import Backbone
 from ..io import atomic_write, weight_paths
 from ..rewards import Reward
-from ..solvers import SolverTable, sample_epd, save_table
+from ..solvers import SolverTable, load_table, sample_epd, save_table
 from .policy import Action, DirichletPolicy, entropy, kl_divergence, log_prob, sample
 from .ppo import GROUPINGS, ppo_loss, rloo_advantages
 
@@ -213,8 +213,6 @@ def rdpo(start_table: str | Path, out: str | Path, cfg: RDPOConfig, *, backbone:
     at the end), ``OUT.metrics.csv``, ``OUT.metrics.png`` and ``OUT.ckpt.safetensors`` (kept, so a rerun with more
     ``steps`` continues). ``stop_after`` ends the run after that many steps, as an interruption would (returns None).
     """
-    from ..solvers import load_table
-
     out, start_table = Path(out), Path(start_table)
     start = load_table(start_table)
     if start.meta.backbone not in ("", backbone.name):
@@ -236,7 +234,7 @@ def rdpo(start_table: str | Path, out: str | Path, cfg: RDPOConfig, *, backbone:
                   "reward": getattr(reward, "weights", reward.name), "num_prompts": len(prompts)}
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, desc="rdpo", disable=not progress)
-    ran = step < cfg.steps
+    ran, logged = step < cfg.steps, len(rows)
     while step < cfg.steps:
         gen = step_generator(cfg.seed, step)
         roll = rollout(policy, backbone, reward, list(prompts), cfg, gen)
@@ -247,12 +245,14 @@ def rdpo(start_table: str | Path, out: str | Path, cfg: RDPOConfig, *, backbone:
         stats.update(reward_mean=float(roll.rewards.mean()), reward_std=float(roll.rewards.std(unbiased=False)))
         step += 1
         rows.append([float(step), *(stats[m] for m in METRICS[1:])])
-        tracking.log_metrics({m: stats[m] for m in METRICS[1:]}, step=step)
         bar.update(1)
         bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl_prior']:.2e}")
         if step % cfg.save_interval == 0 or step == cfg.steps:
             _save_checkpoint(out, policy, opt, step, rows, key)
             _export(policy, out, rows, {**provenance, "step": step, "seconds": time.perf_counter() - t0})
+            for i, name in enumerate(METRICS[1:], 1):  # MLflow gets the curves in batches, at each save
+                tracking.log_metric_history(name, [r[i] for r in rows[logged:]], [int(r[0]) for r in rows[logged:]])
+            logged = len(rows)
         if stop_after is not None and step >= stop_after and step < cfg.steps:
             bar.close()
             return None
