@@ -186,7 +186,6 @@ def _cmd_rdpo(args) -> int:
                  backbone_options=options, progress=not args.no_progress)
     print(f"wrote {args.out}.json (policy mean after {cfg.steps} steps), {args.out}.metrics.csv/.png")
     if args.eval_samples:
-        from . import tracking
         from .io import atomic_write
 
         seeds, prompts = list(range(args.eval_samples)), read_prompts(args.eval_prompt_file or args.prompt_file)
