@@ -28,7 +28,7 @@ def project_copy(dest: Path, config: Path | None = TINY) -> Path:
 def env(**extra: str) -> dict[str, str]:
     """The environment of a pipeline run: the venv first on PATH, one thread per job, no ambient MLflow store."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    e.update(PATH=f"{BIN}{os.pathsep}{e.get('PATH', '')}", OMP_NUM_THREADS="1", **extra)
+    e.update(PATH=f"{BIN}{os.pathsep}{e.get('PATH', '')}", OMP_NUM_THREADS="1", DVC_NO_ANALYTICS="1", **extra)
     return e
 
 

@@ -1,4 +1,5 @@
-# Teacher trajectories on the student grid of each distilled NFE (the grid length depends on the NFE).
+# Teacher trajectories on the student grid of each distilled NFE (the grid length depends on the NFE), conditioned
+# like the samples the tables will make (teacher.labels).
 rule teacher:
     input:
         PARENT_RUN,
@@ -8,10 +9,11 @@ rule teacher:
         backbone=BACKBONE,
         schedule=SCHEDULE,
         t=config["teacher"],
+        labels=flags({"labels": config["teacher"].get("labels")}),
         tracking=tracking("teacher-nfe{nfe}"),
     resources:
         gpu=GPU,
     shell:
         "epd teacher {params.backbone} {params.schedule} --nfe {wildcards.nfe} --solver {params.t[solver]} "
-        "--inserted-steps {params.t[inserted_steps]} --seeds {params.t[seeds]} --batch {params.t[batch]} "
+        "--inserted-steps {params.t[inserted_steps]} --seeds {params.t[seeds]} {params.labels} --batch {params.t[batch]} "
         "--shard-size {params.t[shard_size]} --out {output} --no-progress {params.tracking}"
