@@ -184,7 +184,8 @@ def plot_curves(paths: Sequence[str | os.PathLike], path: Path) -> None:
 
 
 def sample_images(folder: Path, count: int) -> list[Path]:
-    """The first ``count`` images listed in ``folder/samples.csv`` (contract 2: path relative to the folder)."""
+    """``count`` images of ``folder/samples.csv`` (contract 2: path relative to the folder), one per conditioning
+    spread over the distinct labels/prompts in their order (digits.txt: one per digit), in manifest order."""
     manifest = folder / "samples.csv"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} does not exist (a sample folder written by `epd sample`)")
@@ -192,11 +193,18 @@ def sample_images(folder: Path, count: int) -> list[Path]:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
             raise ValueError(f"{manifest} has no 'path' column")
-        return [folder / row["path"] for _, row in zip(range(count), reader)]
+        rows = list(reader)
+    first: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        first.setdefault((row.get("label", ""), row.get("prompt", "")), row)
+    picked = list(first.values())[::max(1, len(first) // count)][:count]
+    picked += [r for r in rows if all(r is not p for p in picked)][:count - len(picked)]  # too few conditionings
+    order = {id(r): i for i, r in enumerate(rows)}
+    return [folder / r["path"] for r in sorted(picked, key=lambda r: order[id(r)])]
 
 
 def plot_grids(folders: Sequence[str | os.PathLike], path: Path, count: int = GRID_IMAGES) -> None:
-    """One row per sample folder, its first ``count`` images (the same seeds and prompts in every row)."""
+    """One row per sample folder, ``count`` of its images (the same seeds and prompts in every row)."""
     import numpy as np
     from PIL import Image
 

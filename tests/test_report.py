@@ -65,3 +65,15 @@ def test_format_table_leaves_missing_metrics_blank(tmp_path):
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
     rows = read_summaries([tmp_path / "a-nfe3" / "summary.json", tmp_path / "b-nfe3" / "summary.json"])
     assert format_table(rows).splitlines()[2:] == ["| a | 3 | 1 ± 0 |  |", "| b | 3 |  | 2 |"]
+
+
+def test_grid_images_spread_over_the_prompts(tmp_path):
+    from epd.report import sample_images
+
+    with (tmp_path / "samples.csv").open("w") as f:
+        f.write("seed,label,prompt,path\n")
+        for seed in range(80):  # 40 prompts cycled, 4 per digit as in data/prompts/digits.txt
+            f.write(f"{seed},,prompt {seed % 40} (digit {seed % 40 // 4}),{seed:06d}.png\n")
+    picked = sample_images(tmp_path, 10)
+    assert [int(p.stem) for p in picked] == list(range(0, 40, 4))
+    assert [int(p.stem) for p in sample_images(tmp_path, 50)] == list(range(50))  # fewer prompts than images
