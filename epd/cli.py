@@ -181,7 +181,8 @@ def _cmd_rdpo(args) -> int:
     cfg = RDPOConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     options = _backbone_options(args)
     backbone = load_backbone(args.backbone, **options)
-    reward = load_reward(weights)
+    scorer_weights = _key_paths(args.scorer_weights, "--scorer-weights")
+    reward = load_reward(weights, **({"weights": scorer_weights} if scorer_weights else {}))
     table = rdpo(args.table, args.out, cfg, backbone=backbone, reward=reward, prompts=read_prompts(args.prompt_file),
                  backbone_options=options, progress=not args.no_progress)
     print(f"wrote {args.out}.json (policy mean after {cfg.steps} steps), {args.out}.metrics.csv/.png")
@@ -203,15 +204,21 @@ def _cmd_rdpo(args) -> int:
     return 0
 
 
+def _key_paths(items: list[str], flag: str) -> dict[str, str]:
+    """["hpsv2=models/HPS_v2.1_compressed.pt", …] -> {"hpsv2": "models/HPS_v2.1_compressed.pt", …}."""
+    out = {}
+    for item in items:
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            raise ValueError(f"{flag} takes KEY=PATH (e.g. hpsv2=models/HPS_v2.1_compressed.pt), got {item!r}")
+        out[key] = path
+    return out
+
+
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
-    weights = {}
-    for item in args.weights:
-        key, sep, path = item.partition("=")
-        if not sep or not key or not path:
-            raise ValueError(f"--weights takes METRIC=PATH (e.g. hpsv2=models/HPS_v2.1_compressed.pt), got {item!r}")
-        weights[key] = path
+    weights = _key_paths(args.weights, "--weights")
     if not args.metrics and not args.write_reference_stats:
         raise ValueError("give --metrics (and/or --write-reference-stats)")
     summary = evaluate(args.samples, args.metrics or [], args.out, weights=weights,
@@ -398,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stem: writes OUT.json/.safetensors (policy mean), OUT.metrics.csv/.png, OUT.ckpt.safetensors")
     p.add_argument("--reward", default='{"label_logprob": 1, "realism": 0.5}',
                    help='reward name or JSON {name: weight} (default: {"label_logprob": 1, "realism": 0.5})')
+    p.add_argument("--scorer-weights", nargs="+", action="extend", default=[], metavar="KEY=PATH",
+                   help="local weights of text-to-image reward scorers, keys as `epd evaluate --weights`")
     p.add_argument("--prompt-file", default="data/prompts/digits.txt", help="training prompts (.txt or .csv)")
     for name in ("steps", "rollout_batch_size", "rloo_k", "ppo_epochs", "minibatch_size", "save_interval", "seed",
                  "hidden_dim", "num_layers"):
