@@ -100,7 +100,7 @@ def test_bad_input_writes_nothing(digit_samples, tmp_path, capsys):
         (["--samples", str(digit_samples), "--metrics", "sharpness"], "unknown metrics"),
         (["--samples", str(digit_samples), "--metrics", "fid"], "reference-stats"),
         (["--samples", str(digit_samples), "--metrics", "hpsv2"], "hpsv2: no weights path"),
-        (["--samples", str(digit_samples), "--metrics", "clip", "--weights", "clip"], "METRIC=PATH"),
+        (["--samples", str(digit_samples), "--metrics", "clip", "--weights", "clip"], "--weights takes KEY=PATH"),
         (["--samples", str(digit_samples), "--metrics", "fid", "--reference-stats", str(tmp_path / "r.npz")],
          "r.npz"),
     ]
