@@ -53,6 +53,11 @@ def _json_arg(value: str | None, flag: str) -> dict:
     return data
 
 
+def _schedule_args(backbone, schedule: str) -> dict:
+    """Grid arguments the backbone fixes: SD3's flow-match shift (the other schedules take the σ range)."""
+    return dict(getattr(backbone, "schedule_args", {})) if schedule == "flow_match" else {}
+
+
 def _cmd_sample(args) -> int:
     from .backbones import load_backbone
     from .sample import generate, parse_seeds, read_prompts, save_grid, save_pngs, write_manifest
@@ -67,7 +72,7 @@ def _cmd_sample(args) -> int:
         if table.meta.backbone not in ("", backbone.name):
             raise ValueError(f"{args.table} was made for backbone {table.meta.backbone!r}, not {backbone.name!r}")
         solver = "epd_plugin" if table.meta.plugin else "epd"
-    schedule_args = getattr(backbone, "schedule_args", {}) if args.schedule == "flow_match" else {}  # sd3's shift
+    schedule_args = _schedule_args(backbone, args.schedule)
     run = configure(solver, None if table is not None else args.nfe, schedule=args.schedule,
                     sigma_min=backbone.sigma_min, sigma_max=backbone.sigma_max, rho=args.rho, table=table,
                     num_points=args.num_points, backbone=backbone.name, schedule_args=schedule_args)
@@ -115,13 +120,21 @@ def _cmd_teacher(args) -> int:
     from .sample import parse_seeds
     from .teacher import TeacherConfig, write_teacher
 
+    from .backbones import load_backbone
+    from .sample import read_prompts
+
     num_steps = args.num_steps or plan_for_nfe("epd", args.nfe).num_steps
     labels = [int(v) for v in args.labels.split(",")] if args.labels else None
-    cfg = TeacherConfig(backbone=args.backbone, backbone_options=_backbone_options(args), schedule=args.schedule,
-                        num_steps=num_steps, rho=args.rho, solver=args.solver, inserted_steps=args.inserted_steps,
-                        seeds=args.seeds, labels=labels, batch_size=args.batch, shard_size=args.shard_size)
+    prompts = read_prompts(args.prompt_file) if args.prompt_file else None
+    options = _backbone_options(args)
+    backbone = load_backbone(args.backbone, **options)   # it fixes the grid's σ range (and SD3's shift)
+    cfg = TeacherConfig(backbone=args.backbone, backbone_options=options, schedule=args.schedule,
+                        num_steps=num_steps, sigma_min=backbone.sigma_min, sigma_max=backbone.sigma_max,
+                        rho=args.rho, schedule_args=_schedule_args(backbone, args.schedule), solver=args.solver,
+                        inserted_steps=args.inserted_steps, seeds=args.seeds, labels=labels, prompts=prompts,
+                        batch_size=args.batch, shard_size=args.shard_size)
     tracking.log_params({"teacher": cfg.to_json(), "teacher.config_hash": cfg.hash})
-    wrote = write_teacher(cfg, args.out, progress=not args.no_progress)
+    wrote = write_teacher(cfg, args.out, progress=not args.no_progress, backbone=backbone)
     tracking.log_metrics({"num_samples": len(parse_seeds(cfg.seeds)), "wrote": int(wrote)})
     tracking.log_artifact(Path(args.out) / "manifest.json")
     print(f"{'wrote' if wrote else 'up to date, nothing written:'} {args.out} (config {cfg.hash})")
@@ -338,7 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inserted-steps", type=int, default=teacher.inserted_steps,
                    help="M teacher steps inserted in each student interval")
     p.add_argument("--seeds", default=teacher.seeds, help="training seeds (keep them apart from evaluation seeds)")
-    p.add_argument("--labels", help="comma-separated labels cycled over the seeds (default unconditional)")
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument("--labels", help="comma-separated labels cycled over the seeds (default unconditional)")
+    cond.add_argument("--prompt-file", help="prompts cycled over the seeds, .txt or .csv with a text column "
+                                            "(text-to-image backbones; sample with prompts like them)")
     p.add_argument("--batch", type=int, default=teacher.batch_size)
     p.add_argument("--shard-size", type=int, default=teacher.shard_size)
     p.add_argument("--no-progress", action="store_true")

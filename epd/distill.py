@@ -28,6 +28,7 @@ from . import tracking
 from .backbones import load_backbone
 from .io import atomic_write
 from .solvers import SolverTable, handset_table, sample_epd, save_table
+from .solvers.common import select_rows
 from .solvers.plan import plan_for_nfe
 from .teacher import TeacherConfig, load_manifest, load_teacher
 
@@ -167,7 +168,8 @@ def distill(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: Distill
     backbone = load_backbone(tcfg.backbone, **tcfg.backbone_options)
     start = handset_table(plan.num_steps, cfg.num_points, plugin=cfg.plugin, plugin_order=cfg.plugin_order,
                           afs=plan.afs, schedule=tcfg.schedule, sigma_min=tcfg.sigma_min, sigma_max=tcfg.sigma_max,
-                          rho=tcfg.rho, scale_bound=cfg.scale_bound, backbone=backbone.name,
+                          rho=tcfg.rho, schedule_args=tcfg.schedule_args, scale_bound=cfg.scale_bound,
+                          backbone=backbone.name,
                           guidance=float(tcfg.backbone_options.get("guidance", 1.0)))
     run_hash = hashlib.sha256(json.dumps([cfg.to_json(), manifest["config_hash"]], sort_keys=True).encode()).hexdigest()
 
@@ -177,8 +179,10 @@ def distill(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: Distill
     gen = torch.Generator().manual_seed(cfg.seed)
     it, losses = _load_checkpoint(out, params, opt, gen, run_hash)
     logged = 0   # iterations already sent to MLflow; a resumed run sends the checkpoint's history first
-    states, labels = data["states"].double(), data["labels"]
-    conditional = bool((labels >= 0).any())
+    states, cond_ids = data["states"].double(), data["cond_ids"]
+    conds = tcfg.conditions()
+    # Every label/prompt encoded once; a batch takes its rows (a text encoder call per iteration would dominate).
+    all_cond = None if conds is None else tcfg.encode(backbone, torch.arange(len(conds)))
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.iterations, initial=it, desc=f"distill nfe={cfg.nfe}", disable=not progress)
@@ -186,7 +190,7 @@ def distill(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: Distill
         idx = torch.randint(len(states), (cfg.batch_size,), generator=gen)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(cfg, it)
-        loss = trajectory_loss(params.table(), backbone, states[idx], sigmas, labels[idx] if conditional else None,
+        loss = trajectory_loss(params.table(), backbone, states[idx], sigmas, select_rows(all_cond, cond_ids[idx]),
                                cfg, features)
         opt.zero_grad()
         loss.backward()

@@ -2,7 +2,8 @@
 
 The teacher (DPM-Solver-2 or Heun) takes ``inserted_steps`` M extra steps inside every student interval, spaced
 uniformly in log σ, and records the state each time it reaches a student grid point. A directory holds
-``shard-00000.safetensors …`` (``states`` [n, N, C, H, W], ``seeds`` [n], ``labels`` [n]) and ``manifest.json``
+``shard-00000.safetensors …`` (``states`` [n, N, C, H, W], ``seeds`` [n], ``labels`` [n], ``cond_ids`` [n]: the
+index of each sample's label or prompt in the config, −1 if unconditional) and ``manifest.json``
 (the resolved config, its hash, the grid, the shards with their SHA-256). Memory stays bounded by one shard.
 """
 from __future__ import annotations
@@ -49,6 +50,8 @@ class TeacherConfig:
     inserted_steps: int = 31          # M extra teacher steps per student interval (RMS vs exact ODE ≲ 1e-2)
     seeds: str = "100000-109999"      # training seeds; the benchmark's held-out seeds are 0-19999
     labels: list[int] | None = None   # cycled over the seeds; None = unconditional
+    prompts: list[str] | None = None  # or text prompts cycled over the seeds (text-to-image backbones)
+    schedule_args: dict[str, Any] = field(default_factory=dict)   # e.g. SD3's flow-match shift, from the backbone
     batch_size: int = 1000
     shard_size: int = 5000
 
@@ -59,6 +62,10 @@ class TeacherConfig:
             raise ValueError(f"teacher.inserted_steps must be >= 0, got {self.inserted_steps}")
         if self.batch_size < 1 or self.shard_size < 1:
             raise ValueError("teacher.batch_size and teacher.shard_size must be >= 1")
+        if self.labels is not None and self.prompts is not None:
+            raise ValueError("teacher: give labels or prompts, not both")
+        if (self.labels is not None and not self.labels) or (self.prompts is not None and not self.prompts):
+            raise ValueError("teacher: the label/prompt list is empty")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,7 +77,20 @@ class TeacherConfig:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def student_sigmas(self) -> torch.Tensor:
-        return schedules.get_sigmas(self.schedule, self.num_steps, self.sigma_min, self.sigma_max, self.rho)
+        return schedules.get_sigmas(self.schedule, self.num_steps, self.sigma_min, self.sigma_max, self.rho,
+                                    **self.schedule_args)
+
+    def conditions(self) -> list[int] | list[str] | None:
+        """What is cycled over the seeds: labels, prompts or nothing."""
+        return self.labels if self.labels is not None else self.prompts
+
+    def encode(self, backbone: Backbone, ids: torch.Tensor) -> Any:
+        """The backbone's conditioning for samples whose condition indices are ``ids`` (None if unconditional)."""
+        conds = self.conditions()
+        if conds is None:
+            return None
+        picked = [conds[int(i)] for i in ids]
+        return backbone.encode(labels=picked) if self.labels is not None else backbone.encode(prompts=picked)
 
 
 def teacher_grid(student: torch.Tensor, inserted_steps: int) -> tuple[torch.Tensor, list[int]]:
@@ -99,17 +119,19 @@ def run_teacher(backbone: Backbone, cfg: TeacherConfig, x: torch.Tensor, cond) -
     return torch.stack(states, dim=1)
 
 
-def write_teacher(cfg: TeacherConfig, out: str | os.PathLike, progress: bool = True) -> bool:
-    """Write the teacher directory; returns False (and writes nothing) if it is already there for this config."""
+def write_teacher(cfg: TeacherConfig, out: str | os.PathLike, progress: bool = True,
+                  backbone: Backbone | None = None) -> bool:
+    """Write the teacher directory; returns False (and writes nothing) if it is already there for this config.
+    ``backbone``: the one ``cfg`` names, if the caller has it loaded already."""
     out = Path(out)
     if _up_to_date(out, cfg):
         return False
-    backbone = load_backbone(cfg.backbone, **cfg.backbone_options)
+    backbone = backbone or load_backbone(cfg.backbone, **cfg.backbone_options)
     seeds = parse_seeds(cfg.seeds)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shards, buffer = [], {"states": [], "seeds": [], "labels": []}
+    shards, buffer = [], {"states": [], "seeds": [], "labels": [], "cond_ids": []}
 
     def flush():
         if not buffer["seeds"]:
@@ -124,13 +146,15 @@ def write_teacher(cfg: TeacherConfig, out: str | os.PathLike, progress: bool = T
     try:
         for start in tqdm(range(0, len(seeds), cfg.batch_size), desc="teacher", unit="batch", disable=not progress):
             batch = seeds[start:start + cfg.batch_size]
-            labels = (torch.full((len(batch),), -1, dtype=torch.long) if cfg.labels is None else
-                      torch.tensor([cfg.labels[(start + j) % len(cfg.labels)] for j in range(len(batch))]))
-            cond = None if cfg.labels is None else labels
-            states = run_teacher(backbone, cfg, backbone.noise(batch), cond)
+            conds = cfg.conditions()
+            ids = (torch.full((len(batch),), -1, dtype=torch.long) if conds is None else
+                   torch.arange(start, start + len(batch)) % len(conds))
+            labels = torch.tensor([cfg.labels[i] for i in ids]) if cfg.labels is not None else torch.full_like(ids, -1)
+            states = run_teacher(backbone, cfg, backbone.noise(batch), cfg.encode(backbone, ids))
             buffer["states"].append(states.float())
             buffer["seeds"].append(torch.tensor(batch, dtype=torch.long))
             buffer["labels"].append(labels)
+            buffer["cond_ids"].append(ids)
             if sum(len(s) for s in buffer["seeds"]) >= cfg.shard_size:
                 flush()
         flush()
@@ -189,9 +213,13 @@ def load_teacher(path: str | os.PathLike, expect: dict[str, Any] | None = None) 
              if config.get(k) != v]
     if wrong:
         raise TeacherError(f"teacher {path} does not match: " + "; ".join(wrong))
-    parts: dict[str, list[torch.Tensor]] = {"states": [], "seeds": [], "labels": []}
+    parts: dict[str, list[torch.Tensor]] = {"states": [], "seeds": [], "labels": [], "cond_ids": []}
     for shard in manifest["shards"]:
         tensors = st_load((Path(path) / shard["file"]).read_bytes())
+        missing = sorted(set(parts) - set(tensors))
+        if missing:
+            raise TeacherError(f"teacher shard {Path(path) / shard['file']} lacks {missing} (written by an older epd?);"
+                               f" rerun `epd teacher`")
         for k in parts:
             parts[k].append(tensors[k])
     data = {k: torch.cat(v) for k, v in parts.items()}

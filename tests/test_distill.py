@@ -161,3 +161,16 @@ def test_unet_digits_teacher_and_distill(tmp_path):
         err = {name: float(((sample_epd(u, x, t.meta.sigmas(), t, cond=labels) - target) ** 2).mean().sqrt())
                for name, t in (("distilled", loaded), ("handset", start))}
     assert err["distilled"] < 0.5 * err["handset"], err
+
+
+def test_teacher_on_prompts_equals_teacher_on_their_labels(tmp_path):
+    """Prompts are encoded by the backbone like the samples' prompts: on gmm-digits "a handwritten 3" is label 3."""
+    base = dict(num_steps=3, inserted_steps=2, seeds="0-5", batch_size=4, shard_size=100)
+    on_labels, on_prompts = tmp_path / "labels", tmp_path / "prompts"
+    write_teacher(TeacherConfig(labels=[3, 7], **base), on_labels, progress=False)
+    write_teacher(TeacherConfig(prompts=["a handwritten 3", "the digit seven"], **base), on_prompts, progress=False)
+    a, b = load_teacher(on_labels), load_teacher(on_prompts)
+    assert torch.equal(a["states"], b["states"]) and torch.equal(a["cond_ids"], b["cond_ids"])
+    assert b["labels"].tolist() == [-1] * 6 and a["labels"].tolist() == [3, 7] * 3
+    with pytest.raises(ValueError, match="labels or prompts, not both"):
+        TeacherConfig(labels=[3], prompts=["a 3"], **base)

@@ -381,3 +381,37 @@ def test_epd_sample_cli(kind, schedule, sd_folders, tmp_path):
     with Image.open(out / "grid.png") as img:
         assert img.size == (2 * RES + 1, 2 * RES + 1)  # 2×2 tiles and a 1-pixel separator
     assert main(["sample", "--backbone", kind, "--model-path", str(tmp_path / "nowhere"), "--outdir", str(out)]) == 2
+
+
+@pytest.mark.parametrize("kind, schedule", [("sd15", "discrete"), ("sd3", "flow_match")])
+def test_teacher_and_distill_cli_on_prompts(kind, schedule, sd_folders, backbones, tmp_path):
+    """Stage 1 on a text-to-image backbone: the teacher's grid is the backbone's (σ range, SD3's shift), its
+    trajectories follow the prompts, and distillation replays them with the same prompts."""
+    from epd.cli import main
+    from epd.teacher import load_manifest, load_teacher
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue house\n")
+    model = ["--backbone", kind, "--model-path", str(sd_folders[kind]), "--schedule", schedule]
+    teacher = tmp_path / "teacher"
+    assert main(["teacher", *model, "--nfe", "3", "--seeds", "0-3", "--prompt-file", str(prompts),
+                 "--inserted-steps", "1", "--batch", "2", "--out", str(teacher), "--no-progress"]) == 0
+    manifest = load_manifest(teacher)
+    bb = backbones[kind]
+    torch.testing.assert_close(torch.tensor(manifest["sigmas"], dtype=torch.float64), grid(bb, 3))
+    data = load_teacher(teacher)
+    assert data["cond_ids"].tolist() == [0, 1, 0, 1]
+    # a different prompt gives a different trajectory from the same seed
+    other = tmp_path / "other.txt"
+    other.write_text("a green tree\n")
+    assert main(["teacher", *model, "--nfe", "3", "--seeds", "0-3", "--prompt-file", str(other),
+                 "--inserted-steps", "1", "--batch", "2", "--out", str(tmp_path / "t2"), "--no-progress"]) == 0
+    assert not torch.allclose(load_teacher(tmp_path / "t2")["states"][0, -1], data["states"][0, -1])
+    out = tmp_path / "table"
+    assert main(["distill", "--teacher", str(teacher), "--nfe", "3", "--iterations", "3", "--batch", "2",
+                 "--checkpoint-every", "3", "--out", str(out), "--no-progress"]) == 0
+    from epd.solvers import load_table
+
+    table = load_table(f"{out}.json")
+    assert table.meta.backbone == bb.name and table.meta.schedule_args == manifest["config"]["schedule_args"]
+    torch.testing.assert_close(table.meta.sigmas(), grid(bb, 3))

@@ -62,6 +62,20 @@ def repeat_rows(cond: Cond, k: int) -> Cond:
     raise TypeError(f"cannot repeat conditioning of type {type(cond).__name__}; use tensors, dicts or tuples")
 
 
+def select_rows(cond: Cond, idx: torch.Tensor) -> Cond:
+    """Rows ``idx`` of ``cond`` (tensors, or dicts/tuples/lists of them, batch first), e.g. one encoded prompt per
+    sample from a table of encoded prompts."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[idx.to(cond.device)]
+    if isinstance(cond, dict):
+        return {key: select_rows(v, idx) for key, v in cond.items()}
+    if isinstance(cond, (tuple, list)):
+        return type(cond)(select_rows(v, idx) for v in cond)
+    raise TypeError(f"cannot index conditioning of type {type(cond).__name__}; use tensors, dicts or tuples")
+
+
 def notify(callback: Callback | None, i: int, x: torch.Tensor, sigma, sigma_next, denoised: torch.Tensor) -> None:
     """Report the state after step i: ``x`` is at ``sigma_next``; ``denoised`` is the step's first D output."""
     if callback is not None:

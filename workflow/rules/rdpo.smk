@@ -9,13 +9,14 @@ rule rdpo:
         stem=f"{RESULTS}/tables/rdpo-nfe{{nfe}}",
         backbone=BACKBONE,
         reward=shlex.quote(json.dumps(config["rdpo"]["reward"])),
+        scorers=" ".join(f"--scorer-weights {k}={shlex.quote(p)}" for k, p in config["evaluate"].get("weights", {}).items()),
         r=config["rdpo"],
         p=config["rdpo"]["ppo"],
         tracking=tracking("rdpo-nfe{nfe}"),
     resources:
         gpu=GPU,
     shell:
-        "epd rdpo --table {input.table} --out {params.stem} {params.backbone} --reward {params.reward} "
+        "epd rdpo --table {input.table} --out {params.stem} {params.backbone} --reward {params.reward} {params.scorers} "
         "--prompt-file {input.prompts} --steps {params.p[steps]} --rollout-batch-size {params.p[rollout_batch_size]} "
         "--rloo-k {params.p[rloo_k]} --ppo-epochs {params.p[ppo_epochs]} --minibatch-size {params.p[minibatch_size]} "
         "--learning-rate {params.p[learning_rate]} --clip-range {params.p[clip_range]} --kl-coef {params.p[kl_coef]} "
