@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import tracking
 from .backbones import load_backbone
-from .io import atomic_write
+from .io import atomic_write, load_optimizer, optimizer_tensors
 from .solvers import SolverTable, handset_table, sample_epd, save_table
 from .solvers.common import select_rows
 from .solvers.plan import plan_for_nfe
@@ -115,17 +115,15 @@ def _checkpoint_paths(out: Path) -> tuple[Path, Path]:
 def _save_checkpoint(out: Path, params: TableParams, opt: torch.optim.Optimizer, gen: torch.Generator,
                      it: int, losses: list[float], run_hash: str) -> None:
     tensors = {f"param.{k}": v.detach().clone() for k, v in params.state_dict().items()}
-    opt_state = opt.state_dict()
-    for idx, state in opt_state["state"].items():
-        for key, value in state.items():
-            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).clone()
+    opt_tensors, param_groups = optimizer_tensors(opt)
+    tensors.update(opt_tensors)
     tensors["rng"] = gen.get_state()
     tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
     st_path, json_path = _checkpoint_paths(out)
     tmp_st, tmp_json = st_path.with_name(st_path.name + ".tmp"), json_path.with_name(json_path.name + ".tmp")
     save_file(tensors, tmp_st)
     tmp_json.write_text(json.dumps({"iteration": it, "run_hash": run_hash,
-                                    "param_groups": opt_state["param_groups"]}, indent=2))
+                                    "param_groups": param_groups}, indent=2))
     os.replace(tmp_st, st_path)
     os.replace(tmp_json, json_path)
 
@@ -140,12 +138,7 @@ def _load_checkpoint(out: Path, params: TableParams, opt: torch.optim.Optimizer,
         return 0, []  # a checkpoint of another config: start afresh (it is overwritten at the next save)
     tensors = load_file(st_path)
     params.load_state_dict({k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, idx, key = k.split(".", 2)
-            state.setdefault(int(idx), {})[key] = v
-    opt.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+    load_optimizer(opt, tensors, header["param_groups"])
     gen.set_state(tensors["rng"])
     return header["iteration"], tensors["losses"].tolist()
 

@@ -123,3 +123,22 @@ def check_state_dict(tensors: dict[str, torch.Tensor], module: torch.nn.Module, 
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise WeightsError(f"{source}: tensors {bad[:5]} contain NaN or inf")
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """An optimiser's state as flat tensors ``opt.<param>.<key>`` (for safetensors) and its param groups (for JSON)."""
+    state = opt.state_dict()
+    tensors = {f"opt.{idx}.{key}": torch.as_tensor(value).clone()
+               for idx, s in state["state"].items() for key, value in s.items()}
+    return tensors, state["param_groups"]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                   param_groups: list[dict[str, Any]]) -> None:
+    """Restore what :func:`optimizer_tensors` saved (other keys in ``tensors`` are ignored)."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v
+    opt.load_state_dict({"state": state, "param_groups": param_groups})

@@ -18,6 +18,8 @@ import json
 import pytest
 import torch
 
+from clip_bytes import bytes_to_unicode
+
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
@@ -41,24 +43,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- tiny pipelines ------------------------------------------------------------------------------------------------
 
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's byte-level alphabet: every byte as a printable character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def clip_tokenizer(folder):
     """A byte-level BPE CLIPTokenizer: every byte, every byte ending a word, two merges ("th", "the</w>")."""
     from transformers import CLIPTokenizer
 
     folder.mkdir(parents=True)
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars), "th", "the</w>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")

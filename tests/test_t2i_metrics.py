@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from clip_bytes import bytes_to_unicode
+
 pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
 
@@ -42,23 +44,12 @@ def images(n: int = 4, seed: int = 0, size: int = 48) -> torch.Tensor:
 
 # --- tiny models in their release layouts ------------------------------------------------------------------------
 
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def clip_tokenizer_files(folder) -> None:
     """CLIP's tokenizer (vocabulary 49408) as vocab.json + merges.txt, from open_clip's bundled BPE merges."""
     from open_clip.tokenizer import default_bpe
 
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .. import tracking
 from ..backbones import Backbone
-from ..io import atomic_write, weight_paths
+from ..io import atomic_write, load_optimizer, optimizer_tensors, weight_paths
 from ..rewards import Reward
 from ..solvers import SolverTable, load_table, sample_epd, save_table
 from .policy import Action, DirichletPolicy, entropy, kl_divergence, log_prob, sample
@@ -162,12 +162,10 @@ def _save_checkpoint(out: Path, policy: DirichletPolicy, opt: torch.optim.Optimi
                      rows: list[list[float]], run_hash: str) -> None:
     """Policy, optimiser and metrics in one safetensors file (the JSON header in its metadata): one atomic write."""
     tensors = {f"policy.{k}": v.detach().clone() for k, v in policy.state_dict().items()}
-    opt_state = opt.state_dict()
-    for idx, state in opt_state["state"].items():
-        for key, value in state.items():
-            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).clone()
+    opt_tensors, param_groups = optimizer_tensors(opt)
+    tensors.update(opt_tensors)
     tensors["metrics"] = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(METRICS))
-    header = {"step": step, "run_hash": run_hash, "param_groups": opt_state["param_groups"]}
+    header = {"step": step, "run_hash": run_hash, "param_groups": param_groups}
     atomic_write(ckpt_path(out), st_save(tensors, metadata={"rdpo": json.dumps(header)}))
 
 
@@ -186,12 +184,7 @@ def _load_checkpoint(out: Path, policy: DirichletPolicy, opt: torch.optim.Optimi
         return 0, []
     tensors = st_load(path.read_bytes())
     policy.load_state_dict({k.removeprefix("policy."): v for k, v in tensors.items() if k.startswith("policy.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, idx, key = k.split(".", 2)
-            state.setdefault(int(idx), {})[key] = v
-    opt.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+    load_optimizer(opt, tensors, header["param_groups"])
     return header["step"], tensors["metrics"].tolist()
 
 
