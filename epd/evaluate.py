@@ -94,12 +94,11 @@ def _prompt(s: Sample) -> str:
 
 def _label_accuracy(images: torch.Tensor, samples: Sequence[Sample]) -> np.ndarray:
     from .backbones.gmm import labels_from_prompts
-    from .metrics.digits import digit_log_probs
+    from .metrics.digits import label_hits
 
     labels = torch.tensor([s.label if s.label is not None else int(labels_from_prompts([s.prompt])[0])
                            for s in samples])
-    pred = digit_log_probs(images).argmax(-1)
-    return np.where(labels.numpy() >= 0, (pred == labels).double().numpy(), np.nan)
+    return label_hits(images, labels).numpy()
 
 
 class _Scorers:
@@ -175,9 +174,9 @@ def evaluate(samples: str | os.PathLike, metrics: Sequence[str], out: str | os.P
     values = {m: np.concatenate(v) for m, v in columns.items()}
     summary: dict[str, dict[str, float]] = {m: _summary(v) for m, v in values.items()}
     if "fd_digits" in metrics:
-        from .metrics.digits import data_pixels, fd_digits
+        from .metrics.digits import fd_digits, train_digit_stats
 
-        summary["fd_digits"] = {"value": fd_digits(torch.cat(digit_pixels), data_pixels("train")[0]),
+        summary["fd_digits"] = {"value": fd_digits(torch.cat(digit_pixels), train_digit_stats()),
                                 "n": len(rows)}
     if "fid" in metrics:
         summary["fid"] = {"value": fid_from_features(torch.cat(features), reference), "n": len(rows)}

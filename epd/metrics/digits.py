@@ -149,16 +149,28 @@ def fd_digits(images_a: torch.Tensor, images_b: torch.Tensor | tuple[np.ndarray,
     return frechet_distance(*fd_digits_stats(images_a, classifier), *stats_b)
 
 
-def label_accuracy(images: torch.Tensor, labels: torch.Tensor, classifier: DigitClassifier | None = None) -> float:
-    """Fraction of images the classifier reads as their label (rows with label −1, unconditional, are skipped)."""
+@lru_cache(maxsize=1)
+def train_digit_stats() -> tuple[np.ndarray, np.ndarray]:
+    """The FD-digits reference: feature statistics of the training digits under the shipped classifier (computed
+    once per process)."""
+    return fd_digits_stats(data_pixels("train")[0])
+
+
+def label_hits(images: torch.Tensor, labels: torch.Tensor, classifier: DigitClassifier | None = None) -> torch.Tensor:
+    """Per image, float64: 1 if the classifier reads its label, 0 if not, NaN for label −1 (unconditional)."""
     labels = torch.as_tensor(labels, dtype=torch.long)
     if labels.shape != (len(images),):
         raise ValueError(f"need one label per image, got {tuple(labels.shape)} for {len(images)} images")
-    keep = labels >= 0
-    if not bool(keep.any()):
+    hits = (digit_log_probs(images, classifier).argmax(-1) == labels).double()
+    return torch.where(labels >= 0, hits, torch.nan)
+
+
+def label_accuracy(images: torch.Tensor, labels: torch.Tensor, classifier: DigitClassifier | None = None) -> float:
+    """Fraction of images the classifier reads as their label (rows with label −1, unconditional, are skipped)."""
+    hits = label_hits(images, labels, classifier)
+    if bool(hits.isnan().all()):
         raise ValueError("label accuracy needs at least one labelled image")
-    pred = digit_log_probs(images[keep], classifier).argmax(-1)
-    return float((pred == labels[keep]).double().mean())
+    return float(hits.nanmean())
 
 
 def data_pixels(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,6 @@ writes them), so the figures are those ``epd evaluate`` would find on the PNGs.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -40,21 +39,13 @@ def evaluate_table(table: SolverTable, backbone: Backbone, reward: Reward, seeds
                               **{name: _mean_se(v) for name, v in parts.items()}}
     if backbone.name in DIGIT_BACKBONES:
         from ..backbones.gmm import labels_from_prompts
-        from ..metrics.digits import fd_digits, label_accuracy
+        from ..metrics.digits import fd_digits, label_accuracy, train_digit_stats
 
         labels = labels_from_prompts(cycled)
         if bool((labels >= 0).any()):
             result["label_accuracy"] = {"value": label_accuracy(images, labels)}
-        result["fd_digits"] = {"value": fd_digits(images, _train_digit_stats())}
+        result["fd_digits"] = {"value": fd_digits(images, train_digit_stats())}
     return result
-
-
-@lru_cache(maxsize=1)
-def _train_digit_stats():
-    """FD-digits reference: the classifier features of the training digits (computed once per process)."""
-    from ..metrics.digits import data_pixels, fd_digits_stats
-
-    return fd_digits_stats(data_pixels("train")[0])
 
 
 def compare(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
