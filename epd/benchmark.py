@@ -37,7 +37,7 @@ from . import schedules
 from .backbones import Backbone, load_backbone
 from .backbones.base import DataPoints
 from .metrics import frechet_distance, gaussian_stats
-from .metrics.digits import digit_features, label_accuracy, load_digit_classifier
+from .metrics.digits import digit_features, fd_digits, label_accuracy, load_digit_classifier
 from .solvers import BASELINES, load_table, sample_dpmpp_3m
 from .solvers.plan import Configured, configure
 
@@ -147,7 +147,7 @@ def sample_quality(backbone: Backbone, x: torch.Tensor, labels: torch.Tensor | N
     conditional = labels is not None and bool((labels >= 0).any())
     return {
         "fd": frechet_distance(*gaussian_stats(x), *targets.pixel_stats),
-        "fd_digits": frechet_distance(*gaussian_stats(digit_features(pixels, classifier)), *targets.feature_stats),
+        "fd_digits": fd_digits(pixels, targets.feature_stats, classifier),
         "label_acc": label_accuracy(pixels, labels, classifier) if conditional else float("nan"),
     }
 
