@@ -35,7 +35,8 @@ def start(model, batch: int, dtype=F64, seed0: int = 0) -> torch.Tensor:
 
 
 def random_table(num_steps: int, K: int, *, afs: bool, plugin: bool = False, plugin_order: int = 4,
-                 batch: int | None = None, seed: int = 0, dtype=F64, requires_grad: bool = False) -> SolverTable:
+                 batch: int | None = None, seed: int = 0, dtype=F64, requires_grad: bool = False,
+                 **meta_args) -> SolverTable:
     """A random valid table: sorted positions in (0, 1), softmax weights, scales in [0.95, 1.05]."""
     gen = torch.Generator().manual_seed(seed)
     shape = (num_steps - 1, K) if batch is None else (batch, num_steps - 1, K)
@@ -43,7 +44,8 @@ def random_table(num_steps: int, K: int, *, afs: bool, plugin: bool = False, plu
     weights = torch.softmax(torch.randn(shape, generator=gen, dtype=dtype), -1)
     scale_dir = 0.95 + 0.1 * torch.rand(shape, generator=gen, dtype=dtype)
     scale_time = 0.95 + 0.1 * torch.rand(shape, generator=gen, dtype=dtype)
-    meta = TableMeta(num_steps=num_steps, num_points=K, afs=afs, plugin=plugin, plugin_order=plugin_order)
+    meta = TableMeta(num_steps=num_steps, num_points=K, afs=afs, plugin=plugin, plugin_order=plugin_order,
+                     **meta_args)
     table = SolverTable(positions, weights, scale_dir, scale_time, meta).validate()
     if requires_grad:
         for t in table.tensors().values():
@@ -73,8 +75,8 @@ def reference_epd(D, x, sigmas, table: SolverTable, cond=None) -> torch.Tensor:
     past: list[torch.Tensor] = []
     for n in range(len(sig) - 1):
         s, s_next = sig[n], sig[n + 1]
-        if meta.afs and n == 0:
-            x0_hat = torch.zeros_like(x)
+        if meta.afs and n == 0:  # d_0 = x_0/σ_0 (epd) or x_0/sqrt(1 + σ_0²) (upstream)
+            x0_hat = torch.zeros_like(x) if meta.afs_convention == "epd" else x - s * x / (1 + s**2).sqrt()
         else:
             x0_hat = D(x, s.repeat(B), cond)
         d = (x - x0_hat) / s
@@ -157,6 +159,19 @@ def test_batched_equals_looped_reference(gmm, guided, K, afs, plugin, order, per
     assert (got - want).abs().max().item() <= 1e-6
     # Relative to the state: the batched call only reorders identical float64 arithmetic.
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-10
+
+
+@pytest.mark.parametrize("plugin", [False, True])
+def test_upstream_afs_convention(gmm, plugin):
+    """``afs_convention="upstream"``: d_0 = x_0 / sqrt(1 + σ_0²), as the EPD authors' tables were trained with; on a
+    short grid from σ_0 = 80 it moves the sample by a small but clear amount."""
+    tables = {c: random_table(4, 2, afs=True, plugin=plugin, seed=3, afs_convention=c) for c in ("epd", "upstream")}
+    x = start(gmm, 5)
+    out = {c: sample_epd(gmm, x, t.meta.sigmas(), t) for c, t in tables.items()}
+    ref = reference_epd(gmm, x, tables["upstream"].meta.sigmas(), tables["upstream"])
+    torch.testing.assert_close(out["upstream"], ref, rtol=1e-10, atol=1e-10)
+    gap = ((out["upstream"] - out["epd"]).norm() / out["epd"].norm()).item()
+    assert 1e-6 < gap < 0.1
 
 
 def test_reference_is_sensitive(gmm, guided):

@@ -135,7 +135,7 @@ def test_json_is_plain_and_documented(tmp_path):
     meta = h["meta"]
     expected_keys = {
         "num_steps", "num_points", "schedule", "sigma_min", "sigma_max", "rho", "schedule_args", "afs", "plugin",
-        "plugin_order", "scale_bound", "backbone", "guidance", "nfe",
+        "plugin_order", "scale_bound", "backbone", "guidance", "afs_convention", "grid", "nfe",
     }
     assert set(meta) == expected_keys
     assert meta["nfe"] == 2 * (meta["num_steps"] - 1) - int(meta["afs"]) == t.meta.nfe
@@ -185,6 +185,18 @@ def test_saving_an_invalid_table_leaves_existing_files_untouched(tmp_path, break
         save_table(bad, tmp_path / "tab")
     assert snapshot(tmp_path) == before  # same names (no temporaries), same bytes
     load_table(tmp_path / "tab")
+
+
+def test_own_grid_round_trips_and_is_the_grid(tmp_path):
+    """A table may carry its own grid (learned, or imported from upstream); sigmas() is then exactly that grid."""
+    t = make_table()
+    grid = [50.0, 7.25, 0.7310585786300049, 0.0913, 0.01]
+    t.meta = TableMeta(**{**{k: v for k, v in t.meta.to_json().items() if k != "nfe"}, "grid": grid,
+                          "schedule": "explicit"})
+    save_table(t, tmp_path / "tab")
+    u = load_table(tmp_path / "tab")
+    assert u.meta.grid == grid and u.meta.schedule == "explicit"
+    assert torch.equal(u.meta.sigmas(), torch.tensor(grid, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------------------------------------------ malformed tables
@@ -394,6 +406,13 @@ def test_expect_match(tmp_path):
         ({"schedule": "nope"}, "unknown schedule 'nope'"),
         ({"plugin_order": 5}, "plugin_order must be 1-4"),
         ({"scale_bound": 1.5}, r"scale_bound must be in \[0, 1\)"),
+        ({"afs_convention": "other"}, "afs_convention must be one of"),
+        ({"schedule": "explicit"}, "needs the table's own grid"),
+        ({"grid": [50.0, 1.0, 0.01]}, "grid must list num_steps=5 numbers"),
+        ({"grid": [50.0, 2.0, 3.0, 1.0, 0.01]}, "strictly decreasing"),
+        ({"grid": [50.0, 3.0, 2.0, 1.0, 0.0]}, "positive"),
+        ({"grid": [40.0, 3.0, 2.0, 1.0, 0.01]}, "sigma_max=50.0"),
+        ({"grid": "50,1"}, "wrong type: grid='50,1'"),
     ],
 )
 def test_bad_metadata_values(tmp_path, change, match):

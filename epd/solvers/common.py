@@ -39,14 +39,21 @@ def denoise(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond
 
 
 def denoise_first(
-    denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, afs: bool
+    denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, afs: bool, convention: str = "epd"
 ) -> torch.Tensor:
-    """D(x, σ) at a step's start; with ``afs`` (analytical first step, step 0 only) the data mean 0, no call.
+    """D(x, σ) at a step's start; with ``afs`` (analytic first step, step 0 only) an estimate that needs no call.
 
-    AFS assumes centred data: at σ_max the posterior mean is the data mean, so d_0 = x_0 / σ_0. This is exact at
-    σ → ∞ (and at t = 1 for flow matching); upstream EPD's x_0 / sqrt(1 + σ_0²) differs from it by < 1e-4 at σ_0 = 80.
+    AFS assumes centred data: at σ_max the posterior mean is the data mean, so D = 0 and d_0 = x_0 / σ_0
+    (``convention="epd"``, exact as σ → ∞ and at t = 1 for flow matching). ``convention="upstream"`` reproduces the
+    EPD authors' d_0 = x_0 / sqrt(1 + σ_0²), i.e. D = x_0 − σ_0 · x_0 / sqrt(1 + σ_0²).
     """
-    return torch.zeros_like(x) if afs else denoise(denoiser, x, sigma, cond)
+    if not afs:
+        return denoise(denoiser, x, sigma, cond)
+    if convention == "epd":
+        return torch.zeros_like(x)
+    if convention == "upstream":
+        return x - sigma * x / torch.sqrt(1 + sigma**2)
+    raise ValueError(f"unknown AFS convention {convention!r}; expected 'epd' or 'upstream'")
 
 
 def repeat_rows(cond: Cond, k: int) -> Cond:

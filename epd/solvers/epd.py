@@ -42,7 +42,7 @@ def sample_epd(
     history: list[torch.Tensor] = []
     for n in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[n], sigmas[n + 1]
-        denoised = denoise_first(denoiser, x, sigma, cond, table.meta.afs and n == 0)
+        denoised = denoise_first(denoiser, x, sigma, cond, table.meta.afs and n == 0, table.meta.afs_convention)
         d = to_d(x, sigma, denoised)
         if table.meta.plugin:
             history = (history + [d])[-table.meta.plugin_order:]

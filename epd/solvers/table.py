@@ -34,7 +34,12 @@ class TableError(ValueError):
 
 
 # JSON type of each TableMeta field (annotations are strings under ``from __future__ import annotations``).
-_META_TYPES: dict[str, Any] = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict[str, Any]": dict}
+_META_TYPES: dict[str, Any] = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict[str, Any]": dict,
+                               "list[float] | None": (list, type(None))}
+# How AFS (the analytic first step) forms step 0's direction without a denoiser call: "epd" takes the data mean 0 as
+# D, so d_0 = x_0 / σ_0; "upstream" is the EPD authors' d_0 = x_0 / sqrt(1 + σ_0²) (their published tables use it).
+AFS_CONVENTIONS = ("epd", "upstream")
+EXPLICIT = "explicit"   # schedule name of a table whose grid is only its own ``grid`` (e.g. imported from upstream)
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class TableMeta:
     scale_bound: float = 0.05      # scale_dir and scale_time lie in [1 − bound, 1 + bound]
     backbone: str = ""
     guidance: float = 1.0
+    afs_convention: str = "epd"    # one of AFS_CONVENTIONS
+    grid: list[float] | None = None  # the table's own grid (σ_0 > … > σ_{N−1}), overriding the named schedule
 
     @property
     def nfe(self) -> int:
@@ -61,7 +68,9 @@ class TableMeta:
         return 2 * (self.num_steps - 1) - int(self.afs)
 
     def sigmas(self) -> torch.Tensor:
-        """The grid this table was made for."""
+        """The grid this table was made for: its own ``grid`` if it carries one, else the named schedule's."""
+        if self.grid is not None:
+            return torch.tensor(self.grid, dtype=torch.float64)
         return schedules.get_sigmas(
             self.schedule, self.num_steps, self.sigma_min, self.sigma_max, self.rho, **self.schedule_args
         )
@@ -117,8 +126,12 @@ class SolverTable:
         m = self.meta
         if m.num_steps < 2 or m.num_points < 1:
             raise TableError(f"metadata: need num_steps >= 2 and num_points >= 1, got {m.num_steps}, {m.num_points}")
-        if m.schedule not in schedules.SCHEDULES:
-            raise TableError(f"metadata: unknown schedule {m.schedule!r}; expected one of {sorted(schedules.SCHEDULES)}")
+        if m.schedule not in schedules.SCHEDULES and m.schedule != EXPLICIT:
+            raise TableError(f"metadata: unknown schedule {m.schedule!r}; expected one of "
+                             f"{sorted(schedules.SCHEDULES)} or {EXPLICIT!r} (with a grid)")
+        if m.afs_convention not in AFS_CONVENTIONS:
+            raise TableError(f"metadata: afs_convention must be one of {AFS_CONVENTIONS}, got {m.afs_convention!r}")
+        _check_grid(m)
         if not 1 <= m.plugin_order <= 4:
             raise TableError(f"metadata: plugin_order must be 1-4, got {m.plugin_order}")
         if not 0 <= m.scale_bound < 1:
@@ -153,6 +166,21 @@ class SolverTable:
             if bool(((s - 1).abs() > m.scale_bound + 1e-6).any()):
                 raise TableError(f"{name} must lie in [1 - {m.scale_bound}, 1 + {m.scale_bound}] (scale_bound)")
         return self
+
+
+def _check_grid(m: TableMeta) -> None:
+    if m.grid is None:
+        if m.schedule == EXPLICIT:
+            raise TableError(f"metadata: schedule {EXPLICIT!r} needs the table's own grid, and it has none")
+        return
+    g = m.grid
+    if len(g) != m.num_steps or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in g):
+        raise TableError(f"metadata: grid must list num_steps={m.num_steps} numbers, got {g!r}")
+    if not all(math.isfinite(v) and v > 0 for v in g) or any(a <= b for a, b in zip(g, g[1:])):
+        raise TableError(f"metadata: grid must be finite, positive and strictly decreasing, got {g!r}")
+    if not (math.isclose(g[0], m.sigma_max, rel_tol=1e-9) and math.isclose(g[-1], m.sigma_min, rel_tol=1e-9)):
+        raise TableError(f"metadata: grid runs from {g[0]!r} to {g[-1]!r}, but sigma_max={m.sigma_max!r} and "
+                         f"sigma_min={m.sigma_min!r}")
 
 
 def handset_table(
