@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,6 +27,7 @@ from tqdm import tqdm
 from . import tracking
 from .backbones import load_backbone
 from .io import atomic_write, load_optimizer, optimizer_tensors
+from .options import Field
 from .solvers import SolverTable, handset_table, sample_epd, save_table
 from .solvers.common import select_rows
 from .solvers.plan import plan_for_nfe
@@ -34,29 +35,30 @@ from .teacher import TeacherConfig, load_manifest, load_teacher
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    nfe: int = 5
-    num_points: int = 2               # K
-    plugin: bool = False
-    plugin_order: int = 4
-    scale_bound: float = 0.2         # scales in [0.8, 1.2]: 0.05 left a third of the gain on the table (NFE 5)
-    iterations: int = 1000
-    batch_size: int = 128
-    lr: float = 0.1
-    lr_min_ratio: float = 0.01        # cosine decays the learning rate to lr · lr_min_ratio
-    final_weight: float = 1.0         # weight of the last step's distance; earlier steps have weight 1
-    feature_weight: float = 0.0       # weight of a feature distance on the final step (needs a feature network)
-    seed: int = 0
-    checkpoint_every: int = 100
+class DistillOptions:
+    """Stage 1 (config section ``distill``): how a table is fitted to the teacher."""
 
-    def __post_init__(self):
-        if self.iterations < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
-            raise ValueError("distill.iterations, batch_size and checkpoint_every must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"distill.lr must be > 0, got {self.lr}")
+    num_points: Annotated[int, Field(ge=1, description="K, parallel points per step")] = 2
+    plugin: Annotated[bool, Field(description="EPD-Plugin: the K points from the iPNDM direction")] = False
+    plugin_order: Annotated[int, Field(ge=1, le=4, description="Adams-Bashforth order of EPD-Plugin")] = 4
+    scale_bound: Annotated[float, Field(ge=0, lt=1, description="learned scales stay in [1 - bound, 1 + bound]")] = 0.2
+    iterations: Annotated[int, Field(ge=1, description="Adam steps")] = 1000
+    batch: Annotated[int, Field(ge=1, description="teacher trajectories per step")] = 128
+    lr: Annotated[float, Field(gt=0, description="peak learning rate (cosine schedule)")] = 0.1
+    lr_min_ratio: Annotated[float, Field(gt=0, le=1, description="the cosine ends at lr x this")] = 0.01
+    final_weight: Annotated[float, Field(ge=0, description="weight of the last step's distance (the others: 1)")] = 1.0
+    seed: Annotated[int, Field(ge=0, description="initialisation and batch order")] = 0
+    checkpoint_every: Annotated[int, Field(ge=1, description="iterations between resumable checkpoints")] = 100
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DistillConfig(DistillOptions):
+    """A distillation run: the options and the NFE of the table."""
+
+    nfe: Annotated[int, Field(ge=2, description="denoiser calls of the table")] = 5
 
 
 class TableParams(torch.nn.Module):
@@ -94,7 +96,7 @@ def cosine_lr(cfg: DistillConfig, it: int) -> float:
 
 
 def trajectory_loss(table: SolverTable, denoiser, states: torch.Tensor, sigmas: torch.Tensor, cond,
-                    cfg: DistillConfig, features: Callable | None = None) -> torch.Tensor:
+                    cfg: DistillConfig) -> torch.Tensor:
     """Σ_n w_n · mean |x_n^student − x_n^teacher|², the student started from the teacher's first state."""
     reached = []
     sample_epd(denoiser, states[:, 0], sigmas, table, cond=cond, callback=lambda info: reached.append(info["x"]))
@@ -102,10 +104,7 @@ def trajectory_loss(table: SolverTable, denoiser, states: torch.Tensor, sigmas: 
     per_step = ((student - states[:, 1:]) ** 2).flatten(2).mean(-1).mean(0)   # [N − 1]
     weights = torch.ones_like(per_step)
     weights[-1] = cfg.final_weight
-    loss = (weights * per_step).sum()
-    if features is not None and cfg.feature_weight > 0:
-        loss = loss + cfg.feature_weight * ((features(student[:, -1]) - features(states[:, -1])) ** 2).mean()
-    return loss
+    return (weights * per_step).sum()
 
 
 def _checkpoint_paths(out: Path) -> tuple[Path, Path]:
@@ -144,8 +143,8 @@ def _load_checkpoint(out: Path, params: TableParams, opt: torch.optim.Optimizer,
 
 
 def distill(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: DistillConfig,
-            expect: dict[str, Any] | None = None, progress: bool = True, stop_after: int | None = None,
-            features: Callable | None = None) -> SolverTable | None:
+            expect: dict[str, Any] | None = None, progress: bool = True,
+            stop_after: int | None = None) -> SolverTable | None:
     """Fit a table to a teacher directory and write ``OUT.safetensors/.json``, ``OUT.loss.csv`` and ``OUT.loss.png``.
 
     ``expect`` is checked against the teacher's config before anything is written. ``stop_after`` ends the run
@@ -180,11 +179,11 @@ def distill(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: Distill
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.iterations, initial=it, desc=f"distill nfe={cfg.nfe}", disable=not progress)
     while it < cfg.iterations:
-        idx = torch.randint(len(states), (cfg.batch_size,), generator=gen)
+        idx = torch.randint(len(states), (cfg.batch,), generator=gen)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(cfg, it)
         loss = trajectory_loss(params.table(), backbone, states[idx], sigmas, select_rows(all_cond, cond_ids[idx]),
-                               cfg, features)
+                               cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -21,9 +21,9 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,12 +32,29 @@ from tqdm import tqdm
 
 from . import tracking
 from .io import atomic_write
+from .options import Field
 from .rewards.t2i import SCORERS
 
 DIGIT_METRICS = ("label_accuracy", "label_logprob", "realism")
 SET_METRICS = ("fd_digits", "fid")
 METRICS = (*DIGIT_METRICS, *SCORERS, *SET_METRICS)
 MANIFEST_COLUMNS = ("seed", "label", "prompt", "path")
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """Evaluation (config section ``evaluate``): which metrics score each sample folder."""
+
+    metrics: Annotated[list[Literal[METRICS]], Field(min_length=1, description="metrics to compute")] = \
+        field(default_factory=lambda: ["fd_digits", "label_accuracy"])
+    reference_stats: Annotated[str | None, Field(description="fid: .npz with mu and sigma of the reference set's "
+                                                             "Inception features")] = None
+    batch: Annotated[int, Field(ge=1, description="images per scoring batch")] = 32
+    device: Annotated[str | None, Field(description="scorers' device (none: cuda if there is one, else cpu)")] = None
+
+    def __post_init__(self):
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metrics lists a metric twice: {self.metrics}")
 
 
 @dataclass(frozen=True)
@@ -93,7 +110,7 @@ def _prompt(s: Sample) -> str:
 
 
 def _label_accuracy(images: torch.Tensor, samples: Sequence[Sample]) -> np.ndarray:
-    from .backbones.gmm import labels_from_prompts
+    from .data import labels_from_prompts
     from .metrics.digits import label_hits
 
     labels = torch.tensor([s.label if s.label is not None else int(labels_from_prompts([s.prompt])[0])

@@ -1,4 +1,5 @@
-"""Safe artifact I/O shared by every stage: atomic writes, checksums, pickle detection, and trained-weight files.
+"""Safe artifact I/O shared by every stage: atomic writes, checksums, pickle detection, trained-weight files, and
+third-party checkpoints (found by path, read without running code).
 
 A weight file is two files side by side, like a solver table: ``NAME.safetensors`` (the tensors) and ``NAME.json``
 (``format``, ``kind`` — which network it is —, the architecture ``config`` that fixes every tensor's shape, the
@@ -9,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -35,6 +37,15 @@ def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out``; an older ``out`` is removed only after the new one is in place."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def looks_like_pickle(path: Path, head: bytes) -> bool:
@@ -142,3 +153,61 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
             _, idx, key = k.split(".", 2)
             state.setdefault(int(idx), {})[key] = v
     opt.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+# -- third-party checkpoints (the text-to-image scorers, Inception) -------------------------------------------------
+
+class MissingWeightsError(FileNotFoundError):
+    """A scorer's weight file is not where the config says; the message names the file and where it comes from."""
+
+
+def require(path: str | os.PathLike | None, what: str, source: str) -> Path:
+    """``path`` as an existing Path, or an error naming the file, the scorer and where the file comes from."""
+    if path is None or str(path) == "":
+        raise MissingWeightsError(f"{what}: no weights path given (`weights` in the config, or "
+                                  f"--weights METRIC=PATH); get it from {source}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise MissingWeightsError(f"{what}: weights file missing: {p} (get it from {source})")
+    return p
+
+
+def require_hf_folder(path: str | os.PathLike | None, what: str, source: str,
+                      files: Sequence[str] = ("config.json",)) -> Path:
+    """A transformers ``save_pretrained`` folder holding ``files`` (and a weights file), else a naming error."""
+    folder = require(path, what, source)
+    if not folder.is_dir():
+        raise MissingWeightsError(f"{what}: {folder} must be a folder written by save_pretrained (from {source})")
+    for name in files:
+        require(folder / name, what, source)
+    if not any((folder / w).exists() for w in ("model.safetensors", "model.safetensors.index.json",
+                                               "pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise MissingWeightsError(f"{what}: weights file missing: {folder / 'model.safetensors'} "
+                                  f"(or pytorch_model.bin; get it from {source})")
+    return folder
+
+
+def load_checkpoint(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch checkpoint read with ``weights_only=True`` (no code runs).
+
+    A checkpoint that nests its state dict under ``state_dict`` or ``model`` (HPSv2, BLIP) is unwrapped, and a
+    DataParallel ``module.`` prefix is dropped."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError and friends: the message says which global was refused
+            raise ValueError(f"{what}: {path} is not a plain state-dict checkpoint (torch.load with "
+                             f"weights_only=True refused it: {str(e).splitlines()[0]}). Save its state_dict, or "
+                             f"convert it to .safetensors") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what}: {path} does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state

@@ -44,7 +44,7 @@ def parse_run_name(name: str, what: Path) -> tuple[str, int]:
 
 
 def read_summaries(paths: Sequence[str | os.PathLike]) -> list[Row]:
-    """Read ``<solver>-nfe<N>/summary.json`` files (contract 3) into rows: the learned tables first, then the
+    """Read ``<solver>-nfe<N>/summary.json`` files (docs/formats.md) into rows: the learned tables first, then the
     baselines by name, NFE ascending."""
     rows = []
     for path in map(Path, paths):
@@ -184,7 +184,7 @@ def plot_curves(paths: Sequence[str | os.PathLike], path: Path) -> None:
 
 
 def sample_images(folder: Path, count: int) -> list[Path]:
-    """``count`` images of ``folder/samples.csv`` (contract 2: path relative to the folder), one per conditioning
+    """``count`` images of ``folder/samples.csv`` (paths relative to the folder, docs/formats.md), one per conditioning
     spread over the distinct labels/prompts in their order (digits.txt: one per digit), in manifest order."""
     manifest = folder / "samples.csv"
     if not manifest.is_file():

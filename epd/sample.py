@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Annotated, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -12,44 +14,34 @@ from PIL import Image
 from tqdm import tqdm
 
 from .backbones import Backbone
+from .data import parse_labels, seed_count
+from .io import replace_dir
+from .options import Field
 from .solvers.plan import Configured
 
-
-def parse_seeds(spec: str) -> list[int]:
-    """``"0-63"``, ``"1,5,9"`` or ``"0-3,10,20-21"`` → a list of seeds in the given order (ranges inclusive)."""
-    seeds: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ValueError
-                seeds.extend(range(a, b + 1))
-            else:
-                seeds.append(int(part))
-        except ValueError:
-            raise ValueError(f"bad seed spec {part!r} in {spec!r}; use e.g. '0-63' or '1,5,9'") from None
-    if not seeds or min(seeds) < 0:
-        raise ValueError(f"seed spec {spec!r} must name at least one seed, none negative")
-    return seeds
+SEEDS = r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$"
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a .txt file (one per line) or a .csv with a ``text`` column."""
-    p = Path(path)
-    if p.suffix == ".csv":
-        import csv
+@dataclass(frozen=True)
+class SampleOptions:
+    """Sampling (config section ``sample``): which seeds, conditioned how, in batches of what size."""
 
-        with p.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "text" not in reader.fieldnames:
-                raise ValueError(f"{p}: a prompt CSV needs a 'text' column, found {reader.fieldnames}")
-            return [row["text"] for row in reader]
-    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    seeds: Annotated[str, Field(pattern=SEEDS, description="seeds, e.g. 0-1023 or 1,5,9 (held out: never a "
+                                                          "teacher or training seed)")] = "0-63"
+    labels: Annotated[str | None, Field(pattern=r"^\d(,\d)*$", description="class labels cycled over the seeds, "
+                                                                          "e.g. 0,1,2")] = None
+    prompts: Annotated[str | None, Field(min_length=1, description="prompt file cycled over the seeds (.txt, or "
+                                                                   ".csv with a text column)",
+                                         json_schema_extra={"flag": "--prompt-file"})] = None
+    batch: Annotated[int, Field(ge=1, description="samples per batch")] = 64
+    subdirs: Annotated[bool, Field(description="group PNGs in folders of 1000 seeds")] = True
+
+    def __post_init__(self):
+        if self.labels is not None and self.prompts is not None:
+            raise ValueError("give labels or prompts, not both")
+        seed_count(self.seeds)
+        if self.labels is not None:
+            parse_labels(self.labels)
 
 
 def generate(
@@ -66,9 +58,11 @@ def generate(
     (i mod len)-th one; a sample depends only on its seed, its label/prompt and the solver, not on the batching."""
     if labels is not None and prompts is not None:
         raise ValueError("give labels or prompts, not both")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     conds = labels if labels is not None else prompts
     if conds is not None and len(conds) == 0:
-        raise ValueError("empty label/prompt list")
+        raise ValueError("the label/prompt list is empty")
     batches = range(0, len(seeds), batch_size)
     for start in tqdm(batches, desc=f"sample {solver.name} nfe={solver.nfe}", unit="batch", disable=not progress):
         batch = list(seeds[start:start + batch_size])
@@ -125,6 +119,43 @@ def write_manifest(outdir: Path, seeds: Sequence[int], *, labels: Sequence[int] 
     outdir.mkdir(parents=True, exist_ok=True)
     atomic_write(outdir / "samples.csv", buf.getvalue().encode())
     return outdir / "samples.csv"
+
+
+def write_samples(backbone: Backbone, solver: Configured, seeds: Sequence[int], outdir: str | os.PathLike, *,
+                  labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None, batch_size: int = 64,
+                  subdirs: bool = True, overwrite: bool = False, progress: bool = True) -> Path:
+    """Sample every seed into ``outdir``: one PNG per seed and ``samples.csv`` (what ``epd evaluate`` reads).
+
+    The folder is filled under a temporary name beside it and moved into place only when complete, so an
+    interrupted run leaves no half-written folder, and an existing one (only replaced with ``overwrite``) keeps
+    its samples until then; no stale PNG of an earlier run survives."""
+    outdir = Path(outdir)
+    check_sample_dir(outdir, overwrite)
+    tmp = outdir.with_name(f".{outdir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for batch_seeds, images in generate(backbone, solver, seeds, labels=labels, prompts=prompts,
+                                            batch_size=batch_size, progress=progress):
+            save_pngs(images, batch_seeds, tmp, subdirs=subdirs)
+        write_manifest(tmp, seeds, labels=labels, prompts=prompts, subdirs=subdirs)
+        replace_dir(tmp, outdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return outdir
+
+
+def check_sample_dir(outdir: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a folder that cannot take a sample set: a file, an unwritable place, or a folder
+    that already holds files (unless ``overwrite``)."""
+    if outdir.exists() and not outdir.is_dir():
+        raise ValueError(f"output folder {outdir} is a file")
+    parent = next(a for a in (outdir.parent, *outdir.parent.parents) if a.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {outdir}: {parent} is not writable")
+    if outdir.is_dir() and any(outdir.iterdir()) and not overwrite:
+        raise ValueError(f"output folder {outdir} is not empty; pass --overwrite to replace what it holds")
 
 
 def save_grid(images: torch.Tensor, path: Path, zoom: int | None = None) -> None:

@@ -10,8 +10,12 @@ t·ε``, ``D = x − t·v``); :func:`flow_match` returns that t.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
+
+from .options import Field
 
 __all__ = [
     "SCHEDULES",
@@ -139,6 +143,15 @@ SCHEDULES = {
     "discrete": discrete,
     "flow_match": flow_match,
 }
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """The time grid (config section ``schedule``) of the teacher, the distilled tables and the baselines; its σ
+    range (and, for flow matching, the shift) comes from the backbone."""
+
+    name: Annotated[Literal[tuple(SCHEDULES)], Field(description="grid family", json_schema_extra={"flag": "--schedule"})] = "polynomial"
+    rho: Annotated[float, Field(gt=0, description="exponent of the polynomial schedule")] = 7.0
 
 
 def get_sigmas(

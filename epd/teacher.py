@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from safetensors.torch import load as st_load
@@ -25,12 +25,37 @@ from tqdm import tqdm
 
 from . import schedules
 from .backbones import Backbone, load_backbone
-from .io import read_json_header, sha256
-from .sample import parse_seeds
-from .solvers import sample_dpm2, sample_heun
+from .data import parse_labels, parse_seeds, read_prompts, seed_count
+from .io import read_json_header, replace_dir, sha256
+from .options import Field
+from .solvers import TEACHERS
 
 FORMAT = "epd-teacher"
-TEACHERS = {"dpm2": sample_dpm2, "heun": sample_heun}
+SEEDS = r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$"   # what parse_seeds reads (it checks the rest)
+
+
+@dataclass(frozen=True)
+class TeacherOptions:
+    """The teacher trajectories (config section ``teacher``): an accurate solver with M steps inserted in each
+    student interval, from training seeds kept apart from every evaluation seed."""
+
+    solver: Annotated[Literal[tuple(TEACHERS)], Field(description="accurate solver of the trajectories")] = "dpm2"
+    inserted_steps: Annotated[int, Field(ge=0, description="M teacher steps inserted in each student interval")] = 31
+    seeds: Annotated[str, Field(pattern=SEEDS, description="training seeds, e.g. 100000-101999 (keep them apart "
+                                                          "from the sampling seeds)")] = "100000-101999"
+    labels: Annotated[str | None, Field(pattern=r"^\d(,\d)*$", description="class labels cycled over the seeds, "
+                                        "e.g. 0,1,2 (condition the teacher as the samples are; none: unconditional)")] = None
+    prompts: Annotated[str | None, Field(min_length=1, description="prompt file cycled over the seeds (text-to-image; "
+                                         ".txt or .csv with a text column)", json_schema_extra={"flag": "--prompt-file"})] = None
+    batch: Annotated[int, Field(ge=1, description="trajectories per batch")] = 500
+    shard_size: Annotated[int, Field(ge=1, description="trajectories per safetensors shard")] = 1000
+
+    def __post_init__(self):
+        if self.labels is not None and self.prompts is not None:
+            raise ValueError("give labels or prompts, not both")
+        seed_count(self.seeds)
+        if self.labels is not None:
+            parse_labels(self.labels)
 
 
 class TeacherError(ValueError):
@@ -39,6 +64,9 @@ class TeacherError(ValueError):
 
 @dataclass(frozen=True)
 class TeacherConfig:
+    """Everything that determines a teacher directory (recorded in its manifest, hashed): the options resolved
+    against a backbone, a grid and the conditions."""
+
     backbone: str = "gmm-digits"
     backbone_options: dict[str, Any] = field(default_factory=dict)
     schedule: str = "polynomial"      # the student grid
@@ -46,14 +74,14 @@ class TeacherConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
-    solver: str = "dpm2"
-    inserted_steps: int = 31          # M extra teacher steps per student interval (RMS vs exact ODE ≲ 1e-2)
-    seeds: str = "100000-109999"      # training seeds; the benchmark's held-out seeds are 0-19999
-    labels: list[int] | None = None   # cycled over the seeds; None = unconditional
-    prompts: list[str] | None = None  # or text prompts cycled over the seeds (text-to-image backbones)
+    solver: str = TeacherOptions.solver
+    inserted_steps: int = TeacherOptions.inserted_steps
+    seeds: str = TeacherOptions.seeds  # training seeds; evaluation seeds stay below 100000
+    labels: list[int] | None = None    # cycled over the seeds; None = unconditional
+    prompts: list[str] | None = None   # or text prompts cycled over the seeds (text-to-image backbones)
     schedule_args: dict[str, Any] = field(default_factory=dict)   # e.g. SD3's flow-match shift, from the backbone
-    batch_size: int = 1000
-    shard_size: int = 5000
+    batch_size: int = TeacherOptions.batch
+    shard_size: int = TeacherOptions.shard_size
 
     def __post_init__(self):
         if self.solver not in TEACHERS:
@@ -63,9 +91,23 @@ class TeacherConfig:
         if self.batch_size < 1 or self.shard_size < 1:
             raise ValueError("teacher.batch_size and teacher.shard_size must be >= 1")
         if self.labels is not None and self.prompts is not None:
-            raise ValueError("teacher: give labels or prompts, not both")
+            raise ValueError("give labels or prompts, not both")
         if (self.labels is not None and not self.labels) or (self.prompts is not None and not self.prompts):
             raise ValueError("teacher: the label/prompt list is empty")
+
+    @classmethod
+    def resolve(cls, options: TeacherOptions, backbone: Backbone, backbone_options: dict[str, Any], schedule: str,
+                num_steps: int, rho: float = 7.0) -> "TeacherConfig":
+        """The teacher of ``options`` on ``backbone`` for a student grid of ``num_steps`` points of ``schedule``
+        (σ range and schedule arguments from the backbone)."""
+        grid = backbone.grid_args(schedule)
+        return cls(backbone=backbone.name, backbone_options=backbone_options, schedule=schedule, num_steps=num_steps,
+                   sigma_min=grid["sigma_min"], sigma_max=grid["sigma_max"], rho=rho,
+                   schedule_args=grid["schedule_args"], solver=options.solver,
+                   inserted_steps=options.inserted_steps, seeds=options.seeds,
+                   labels=parse_labels(options.labels) if options.labels is not None else None,
+                   prompts=read_prompts(options.prompts) if options.prompts is not None else None,
+                   batch_size=options.batch, shard_size=options.shard_size)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,12 +205,7 @@ def write_teacher(cfg: TeacherConfig, out: str | os.PathLike, progress: bool = T
             "sigmas": cfg.student_sigmas().tolist(), "num_samples": len(seeds), "shards": shards,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        # Swap the finished directory in; an older one is removed only after the new one is in place.
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,7 +28,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Annotated, Any, Callable, Iterator, Mapping, Sequence
+
+from .options import Field
 
 try:
     import fcntl
@@ -41,6 +43,15 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 _RETRIES = 10                 # backoff 0.1 s · 2^i, capped at 5 s: ~25 s in all before an error is raised
 _BATCH = {"metrics": 1000, "params": 100, "tags": 100}   # MLflow's log_batch limits
 _MAX_VALUE = {"params": 6000, "tags": 8000}              # and its longest param and tag values
+
+
+@dataclass(frozen=True)
+class TrackingOptions:
+    """MLflow (config section ``tracking``)."""
+
+    uri: Annotated[str | None, Field(min_length=1, description="MLflow tracking URI: a SQLite file in the project, "
+                                                               "a database or a server (none: untracked)")] = \
+        "sqlite:///mlruns/mlflow.db"
 
 
 class TrackingError(ValueError):
@@ -241,6 +252,39 @@ def log_artifact(path: str | os.PathLike, artifact_path: str | None = None) -> N
 
 # -- runs -----------------------------------------------------------------------------------------------------------
 
+OUT_TAG = "epd.out"          # a stage run's output (absolute path)
+RESULTS_TAG = "epd.results"  # a pipeline run's results folder (absolute path)
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def _status(store: _Store, run_id: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return store.call(store.client.get_run, run_id).info.status
+    except MlflowException:
+        return None
+
+
+def _close_stale(store: _Store, experiment_id: str, where: str) -> list[str]:
+    """Close as KILLED the RUNNING runs that match ``where`` (an MLflow filter) and their RUNNING children: runs
+    whose process died without closing them. Returns their ids."""
+    runs = store.call(store.client.search_runs, [experiment_id],
+                      filter_string=f"attributes.status = 'RUNNING' and {where}")
+    closed = []
+    for run in runs:
+        children = store.call(store.client.search_runs, [experiment_id],
+                              filter_string=f"attributes.status = 'RUNNING' and "
+                                            f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        for r in [*children, run]:
+            store.call(store.client.set_terminated, r.info.run_id, "KILLED")
+            closed.append(r.info.run_id)
+    return closed
+
+
 def read_pipeline_run(path: str | os.PathLike) -> dict[str, Any]:
     """The pipeline-run file written by :func:`start_pipeline_run` (tracking_uri None: the pipeline is untracked)."""
     from .io import read_json_header   # epd.io imports torch: only when needed, so light jobs stay light
@@ -289,17 +333,19 @@ def _closing_on_sigterm() -> Iterator[None]:
 def stage_run(stage: str, *, uri: str | None = None, experiment: str | None = None,
               parent: str | os.PathLike | None = None, run_name: str | None = None,
               params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
-              command: str | None = None) -> Iterator[str | None]:
+              command: str | None = None, out: str | os.PathLike | None = None) -> Iterator[str | None]:
     """Open an MLflow run for one stage; yields its id, or None when tracking is off.
 
     The store is ``uri``, else the pipeline-run file's, else ``$MLFLOW_TRACKING_URI``; none of them: tracking is
-    off and this does nothing. With ``parent`` (a pipeline-run file) the run is nested under the pipeline run, in
-    its experiment; otherwise the experiment is ``experiment``, else ``$MLFLOW_EXPERIMENT_NAME``, else ``epd``.
+    off and this does nothing. With ``parent`` (a pipeline-run file, which need not exist) the run is nested under
+    the pipeline run while that run is RUNNING, in its experiment; otherwise the experiment is ``experiment``, else
+    ``$MLFLOW_EXPERIMENT_NAME``, else ``epd``. ``out`` (the stage's output) is tagged: a run of the same output
+    still RUNNING is one whose process died (``kill -9``, a lost node), and is closed KILLED first.
     The run ends FINISHED, or FAILED if the stage raises, or KILLED on Ctrl-C or SIGTERM (the process then exits
     with status 143, as it would have without tracking).
     """
     global _active
-    info = read_pipeline_run(parent) if parent is not None else {}
+    info = read_pipeline_run(parent) if parent is not None and Path(parent).is_file() else {}
     parent_uri = info.get("tracking_uri")
     uri = uri or parent_uri or os.environ.get("MLFLOW_TRACKING_URI")
     uri = absolute_uri(uri) if uri else None
@@ -315,14 +361,18 @@ def stage_run(stage: str, *, uri: str | None = None, experiment: str | None = No
         yield None
         return
     store = _Store(uri)
+    if info and _status(store, info["run_id"]) != "RUNNING":
+        info = {}   # that pipeline run is over (or its store lost it): this stage runs on its own
     if info:
         experiment_id = info["experiment_id"]
-        store.call(store.client.get_run, info["run_id"])   # a clear error now if the store lost the pipeline run
     else:
         experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         experiment_id = store.experiment_id(experiment, artifact_location(uri, experiment))
     all_tags = {k: str(v)[:_MAX_VALUE["tags"]] for k, v in {**_system_tags(stage, command), **(tags or {})}.items()
                 if v is not None}
+    if out is not None:
+        all_tags[OUT_TAG] = str(Path(out).resolve())
+        _close_stale(store, experiment_id, f"tags.`{OUT_TAG}` = '{_quote(all_tags[OUT_TAG])}'")
     if info:
         all_tags["mlflow.parentRunId"] = info["run_id"]
     run = store.call(store.client.create_run, experiment_id, run_name=run_name, tags=all_tags)
@@ -344,7 +394,9 @@ def stage_run(stage: str, *, uri: str | None = None, experiment: str | None = No
 def start_pipeline_run(out: str | os.PathLike, *, uri: str | None = None, experiment: str | None = None,
                        run_name: str | None = None, config: Mapping[str, Any] | None = None,
                        config_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Create the pipeline (parent) run and write ``out``, the file stages get as ``--parent-run``.
+    """Create the pipeline (parent) run and write ``out``, the file stages get as ``--parent-run``. Pipeline runs
+    of the same results folder (the folder of ``out``) still RUNNING belong to a pipeline that died: they, and
+    their RUNNING stage runs, are closed KILLED first.
 
     Store: ``uri``, else ``$MLFLOW_TRACKING_URI``, else the config's ``tracking.uri``; with none, ``out`` records
     an untracked pipeline (its stages run untracked). Experiment: ``experiment``, else the config's ``experiment``,
@@ -364,8 +416,10 @@ def start_pipeline_run(out: str | os.PathLike, *, uri: str | None = None, experi
         store = _Store(uri)
         experiment_id = store.experiment_id(experiment, artifact_location(uri, experiment))
         run_name = run_name or f"{experiment} pipeline"
+        results = str(Path(out).resolve().parent)
+        _close_stale(store, experiment_id, f"tags.`{RESULTS_TAG}` = '{_quote(results)}'")
         run = store.call(store.client.create_run, experiment_id, run_name=run_name,
-                         tags=_system_tags("pipeline", None))
+                         tags={**_system_tags("pipeline", None), RESULTS_TAG: results})
         store.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(config).items()])
         if config_path is not None:
             store.client.log_artifact(run.info.run_id, str(config_path))

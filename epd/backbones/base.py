@@ -1,26 +1,68 @@
 """What every backbone offers the solvers and the stages: a denoiser with per-row σ, conditioning, decoding."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from .. import schedules
+
+# The continuous grids every σ-space backbone runs on: each takes the backbone's σ range.
+SIGMA_GRIDS = ("polynomial", "logsnr", "time_uniform")
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A backbone without options."""
+
 
 class Backbone:
     """A model behind the denoiser protocol ``D(x, sigma[B], cond) -> x0`` (see :class:`epd.solvers.Denoiser`).
 
-    Subclasses set ``name``, ``shape`` (C, H, W of the state), the default ``sigma_min``/``sigma_max`` of their
-    grids and ``guidance``, and implement ``__call__``, ``encode`` (labels or prompts → cond) and ``to_pixels``
-    (states → pixels in [0, 1], what metrics and rewards read); ``decode`` derives uint8 images from it.
+    Subclasses set ``name``, ``Options`` (the dataclass of their constructor's options, what the config's
+    ``backbone.options`` and the CLI flags are checked against), ``gpu`` (whether the pipeline asks the cluster for a
+    GPU), ``schedules`` (the grids they run on, see :meth:`grid_args`), ``shape`` (C, H, W of the state), their σ
+    range ``sigma_min``/``sigma_max`` and ``guidance``, and implement ``__call__``, ``encode`` (labels or prompts →
+    cond) and ``to_pixels`` (states → pixels in [0, 1], what metrics and rewards read); ``decode`` derives uint8
+    images from it.
     """
 
     name: str = ""
+    Options: type = NoOptions
+    gpu: bool = False
+    schedules: tuple[str, ...] = SIGMA_GRIDS
     shape: tuple[int, ...] = ()
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     guidance: float = 1.0
     data: "DataPoints | None" = None   # embedded backbones: the data points they model (what the benchmark needs)
+
+    @classmethod
+    def check_schedule(cls, schedule: str) -> None:
+        """Refuse a grid this backbone cannot run on, naming both (the config check calls this before any job)."""
+        if schedule not in schedules.SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; expected one of {sorted(schedules.SCHEDULES)}")
+        if schedule not in cls.schedules:
+            raise ValueError(f"schedule {schedule!r} does not fit backbone {cls.name!r}: its grids are "
+                             f"{', '.join(cls.schedules)}")
+
+    def grid_args(self, schedule: str) -> dict[str, Any]:
+        """What a grid of ``schedule`` takes from this backbone: its σ range, and the schedule's own arguments (e.g.
+        SD3's flow-match shift). ``schedules.get_sigmas(schedule, n, rho=…, **backbone.grid_args(schedule))``."""
+        self.check_schedule(schedule)
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "schedule_args": self.schedule_args(schedule)}
+
+    def schedule_args(self, schedule: str) -> dict[str, Any]:
+        """The arguments a named schedule takes from this backbone besides the σ range (none by default)."""
+        return {}
+
+    def sigmas(self, schedule: str, num_steps: int, rho: float = 7.0) -> torch.Tensor:
+        """A grid of ``num_steps`` points of ``schedule`` on this backbone."""
+        args = self.grid_args(schedule)
+        return schedules.get_sigmas(schedule, num_steps, args["sigma_min"], args["sigma_max"], rho,
+                                    **args["schedule_args"])
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         raise NotImplementedError

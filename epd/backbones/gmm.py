@@ -12,42 +12,26 @@ precision (at least float32) without forming |x|², which cancels in the softmax
 """
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 
+from ..data import labels_from_prompts, load_digit_images
+from ..options import Field
 from .base import Backbone, DataPoints
 
-# Number words understood in prompts, besides the digits themselves.
-_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-_PROMPT_RE = re.compile(r"\b([0-9]|" + "|".join(_WORDS) + r")\b", re.IGNORECASE)
 
+@dataclass(frozen=True)
+class GMMOptions:
+    """Options of gmm-digits."""
 
-def load_digit_images(resolution: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 1797 scikit-learn digits as [1797, 1, R, R] float64 in [−1, 1], and their labels [1797]."""
-    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float64).unsqueeze(1) / 8.0 - 1.0  # 0..16 → [−1, 1]
-    if resolution != 8:
-        if resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
-        images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear",
-                                                 align_corners=False).clamp(-1, 1)
-    return images, torch.tensor(digits.target, dtype=torch.long)
-
-
-def labels_from_prompts(prompts: list[str]) -> torch.Tensor:
-    """"a handwritten 3" / "the digit seven" → 3 / 7. A prompt naming no digit, or "", is unconditional (−1)."""
-    labels = []
-    for p in prompts:
-        found = {m.lower() for m in _PROMPT_RE.findall(p)}
-        values = {int(f) if f.isdigit() else _WORDS.index(f) for f in found}
-        if len(values) > 1:
-            raise ValueError(f"prompt {p!r} names several digits {sorted(values)}; name at most one")
-        labels.append(values.pop() if values else -1)
-    return torch.tensor(labels, dtype=torch.long)
+    component_std: Annotated[float, Field(gt=0, description="isotropic std of each mixture component, in [-1, 1] "
+                                                            "pixel units")] = 0.1
+    resolution: Annotated[int, Field(ge=8, multiple_of=8, description="image side (the digits are 8x8; larger "
+                                                                      "sides interpolate them)")] = 8
+    guidance: Annotated[float, Field(ge=0, description="classifier-free guidance scale (1 = none)")] = 1.0
 
 
 class GMMDigits(Backbone):
@@ -58,6 +42,7 @@ class GMMDigits(Backbone):
     """
 
     name = "gmm-digits"
+    Options = GMMOptions
     sigma_min = 0.002
     sigma_max = 80.0
 

@@ -9,7 +9,7 @@ put its network behind the one denoiser protocol ``D(x, sigma[B], cond) -> x0``:
 - ``sd3``: rectified flow, x_t = (1 − t)·x0 + t·ε. The solvers run in the flow's own time: "σ" is t ∈ (0, 1], the
   transformer sees timestep 1000·t and predicts v = dx/dt = ε − x0, and D = x − t·v. The flow ODE
   dx/dt = (x − D)/t has the same form as EDM's, so every solver applies unchanged; grids come from
-  ``epd.schedules.flow_match(n, shift)`` (``schedule_args``).
+  ``epd.schedules.flow_match(n, shift)`` (``backbone.schedule_args("flow_match")``).
 
 ``cond`` is what :meth:`encode` returns for a batch of prompts: a dict of tensors with the batch first
 (``prompt_embeds``, and ``pooled_prompt_embeds`` for SD3), so the solvers can repeat its rows for EPD's K points.
@@ -25,13 +25,15 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import torch
 
 from .. import schedules
-from .base import Backbone
+from ..options import Field
+from .base import SIGMA_GRIDS, Backbone
 
 # A hub id: "name" or "org/name" (letters, digits, "-", "_", "."), not starting with "." or "~".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -87,6 +89,41 @@ def _rows(cond: dict[str, torch.Tensor], sl: slice) -> dict[str, torch.Tensor]:
     return {k: v[sl] for k, v in cond.items()}
 
 
+@dataclass(frozen=True)
+class DiffusersOptions:
+    """Options of the diffusers backbones."""
+
+    model_path: Annotated[str | None, Field(description="local diffusers pipeline folder (save_pretrained) or hub id; "
+                                                        "required")] = None
+    dtype: Annotated[Literal["float32", "float16", "bfloat16", "float64"] | None,
+                     Field(description="network dtype (none: float32)")] = None
+    device: Annotated[str | None, Field(description="device (none: cuda if there is one, else cpu)")] = None
+    cpu_offload: Annotated[bool, Field(description="keep each network on the CPU until it runs (needs a GPU)")] = False
+    max_batch: Annotated[int | None, Field(ge=1, description="most rows in one network call, for memory (none: "
+                                                             "all)")] = None
+    resolution: Annotated[int | None, Field(ge=8, description="image side (none: the model's own)")] = None
+    guidance: Annotated[float, Field(ge=0, description="classifier-free guidance scale (1 = none)")] = 1.0
+    negative_prompt: Annotated[str, Field(description="the unconditional prompt of guidance")] = ""
+    local_files_only: Annotated[bool, Field(description="never download, even for a hub id")] = False
+    load_options: Annotated[dict[str, Any], Field(description="extra from_pretrained options, e.g. "
+                                                              '{"variant": "fp16"}')] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SD15Options(DiffusersOptions):
+    """Options of sd15."""
+
+    guidance: Annotated[float, Field(ge=0, description="classifier-free guidance scale (1 = none)")] = 7.5
+
+
+@dataclass(frozen=True)
+class SD3Options(DiffusersOptions):
+    """Options of sd3."""
+
+    guidance: Annotated[float, Field(ge=0, description="classifier-free guidance scale (1 = none)")] = 4.5
+    max_sequence_length: Annotated[int, Field(ge=1, description="T5 tokens of a prompt")] = 256
+
+
 class DiffusersBackbone(Backbone):
     """What SD1.5 and SD3 share: loading, text encoding, guidance batching, chunking, noise and VAE decoding.
 
@@ -96,6 +133,7 @@ class DiffusersBackbone(Backbone):
 
     pipeline_class = ""            # diffusers pipeline class used to load model_path
     cond_keys: tuple[str, ...] = ()  # entries of cond the network reads
+    gpu = True
 
     def __init__(
         self,
@@ -292,6 +330,8 @@ class StableDiffusion15(DiffusersBackbone):
     ``epd.schedules.discrete`` or any continuous schedule between them."""
 
     name = "sd15"
+    Options = SD15Options
+    schedules = ("discrete", *SIGMA_GRIDS)   # SD's own steps, or any continuous grid on its σ range
     pipeline_class = "StableDiffusionPipeline"
     cond_keys = ("prompt_embeds",)
     guidance = 7.5
@@ -337,9 +377,11 @@ class StableDiffusion15(DiffusersBackbone):
 class StableDiffusion3(DiffusersBackbone):
     """Stable Diffusion 3 (``StableDiffusion3Pipeline``, e.g. SD3-Medium at 512 or 1024): velocity v = dx/dt of the
     rectified flow x_t = (1 − t)·x0 + t·ε, as D = x − t·v. σ is the flow time t: σ_max = 1, σ_min the smallest
-    shifted training t; grids from ``epd.schedules.flow_match(n, **backbone.schedule_args)``."""
+    shifted training t; grids from ``epd.schedules.flow_match(n, **backbone.schedule_args("flow_match"))``."""
 
     name = "sd3"
+    Options = SD3Options
+    schedules = ("flow_match",)
     pipeline_class = "StableDiffusion3Pipeline"
     cond_keys = ("prompt_embeds", "pooled_prompt_embeds")
     guidance = 4.5
@@ -350,8 +392,11 @@ class StableDiffusion3(DiffusersBackbone):
         self.max_sequence_length = max_sequence_length
         cfg = self.pipe.scheduler.config
         self.num_train_timesteps = cfg.get("num_train_timesteps", 1000)
-        self.schedule_args = {"shift": float(cfg.get("shift", 1.0)), "num_train_timesteps": self.num_train_timesteps}
-        self.sigma_min = float(schedules.flow_match(2, **self.schedule_args)[-1])
+        self.flow_args = {"shift": float(cfg.get("shift", 1.0)), "num_train_timesteps": self.num_train_timesteps}
+        self.sigma_min = float(schedules.flow_match(2, **self.flow_args)[-1])
+
+    def schedule_args(self, schedule: str) -> dict[str, Any]:
+        return dict(self.flow_args) if schedule == "flow_match" else {}
 
     def _check_pipeline(self, pipe):
         if not all(hasattr(pipe, a) for a in ("transformer", "vae", "text_encoder", "encode_prompt")):

@@ -17,15 +17,16 @@ import os
 from functools import cached_property
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..data import WEIGHTS_DIR, digit_split, labels_from_prompts
 from ..io import WeightsError, check_state_dict, load_weights
+from ..options import Field
 from .base import Backbone, DataPoints
-from .gmm import labels_from_prompts
 
 KIND = "unet-digits"
 MAKE = "epd train-backbone --what unet"
@@ -170,7 +171,6 @@ class EDMDenoiser(nn.Module):
 
 
 def default_weights() -> Path:
-    from ..data import WEIGHTS_DIR
 
     return WEIGHTS_DIR / "unet-digits"
 
@@ -189,6 +189,15 @@ def load_unet(path: str | os.PathLike | None = None) -> tuple[EDMDenoiser, torch
     return model.eval().requires_grad_(False), mean.float(), header
 
 
+@dataclass(frozen=True)
+class UNetOptions:
+    """Options of unet-digits."""
+
+    weight_file: Annotated[str | None, Field(description="weight file stem (NAME.safetensors + NAME.json); none: "
+                                                         "the shipped data/weights/unet-digits")] = None
+    guidance: Annotated[float, Field(ge=0, description="classifier-free guidance scale (1 = none)")] = 1.0
+
+
 class UNetDigits(Backbone):
     """The trained digit UNet behind the denoiser protocol; ``cond`` as for gmm-digits (labels, −1 = null label).
 
@@ -197,11 +206,12 @@ class UNetDigits(Backbone):
     """
 
     name = "unet-digits"
+    Options = UNetOptions
     sigma_min = 0.002
     sigma_max = 80.0
 
-    def __init__(self, weights: str | os.PathLike | None = None, guidance: float = 1.0):
-        self.model, self.data_mean, self.header = load_unet(weights)
+    def __init__(self, weight_file: str | os.PathLike | None = None, guidance: float = 1.0):
+        self.model, self.data_mean, self.header = load_unet(weight_file)
         res = self.model.cfg.resolution
         self.shape = (1, res, res)
         self.guidance = float(guidance)
@@ -234,7 +244,6 @@ class UNetDigits(Backbone):
     @cached_property
     def data(self) -> DataPoints:
         """The training digits, centred by the same mean image: what the network learnt to sample."""
-        from ..data import digit_split
 
         split = digit_split()
         return DataPoints(split.train_images - self.data_mean.double(), split.train_labels)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..data import WEIGHTS_DIR, digit_split
 from ..io import WeightsError, check_state_dict, load_weights, weight_paths
 from .frechet import frechet_distance, gaussian_stats
 
@@ -79,7 +80,6 @@ class DigitClassifier(nn.Module):
 
 
 def default_weights() -> Path:
-    from ..data import WEIGHTS_DIR
 
     return WEIGHTS_DIR / "digit-classifier"
 
@@ -175,7 +175,6 @@ def label_accuracy(images: torch.Tensor, labels: torch.Tensor, classifier: Digit
 
 def data_pixels(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """The digits of one side of the split (``"train"`` or ``"held_out"``) as pixels in [0, 1], and their labels."""
-    from ..data import digit_split
 
     s = digit_split()
     if split not in ("train", "held_out"):

@@ -18,8 +18,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ..io import atomic_write
-from ..rewards.t2i.common import load_checkpoint, require
+from ..io import atomic_write, load_checkpoint, require
 from .frechet import frechet_distance, gaussian_stats
 
 SOURCE = ("weights-inception-2015-12-05-6726825d.pth from "

@@ -7,12 +7,18 @@ writes them), so the figures are those ``epd evaluate`` would find on the PNGs.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import tracking
 from ..backbones import Backbone
+from ..io import atomic_write
+from ..data import labels_from_prompts
+from ..metrics.digits import fd_digits, label_accuracy, train_digit_stats
 from ..rewards import Reward
 from ..sample import generate
 from ..solvers import SolverTable
@@ -38,9 +44,6 @@ def evaluate_table(table: SolverTable, backbone: Backbone, reward: Reward, seeds
     result: dict[str, Any] = {"reward": _mean_se(total), "per_sample": total,
                               **{name: _mean_se(v) for name, v in parts.items()}}
     if backbone.name in DIGIT_BACKBONES:
-        from ..backbones.gmm import labels_from_prompts
-        from ..metrics.digits import fd_digits, label_accuracy, train_digit_stats
-
         labels = labels_from_prompts(cycled)
         if bool((labels >= 0).any()):
             result["label_accuracy"] = {"value": label_accuracy(images, labels)}
@@ -97,4 +100,21 @@ def flat_metrics(before: dict[str, Any], after: dict[str, Any]) -> dict[str, flo
     return out
 
 
-__all__ = ["compare", "evaluate_table", "flat_metrics", "format_comparison"]
+
+
+def compare_tables(start: SolverTable, tuned: SolverTable, names: tuple[str, str], backbone: Backbone,
+                   reward: Reward, prompts: list[str], num_samples: int, out: Path,
+                   batch_size: int = 256) -> str:
+    """Start and tuned table on held-out seeds 0..num_samples−1 (prompts cycled): writes ``out`` (JSON of
+    :func:`flat_metrics`), logs the metrics, and returns the printed comparison."""
+    seeds = list(range(num_samples))
+    before, after = (evaluate_table(t, backbone, reward, seeds, prompts, batch_size) for t in (start, tuned))
+    metrics = flat_metrics(before, after)
+    tracking.log_metrics(metrics)
+    atomic_write(out, (json.dumps({"tables": list(names), "seeds": f"0-{num_samples - 1}", **metrics},
+                                  indent=2) + "\n").encode())
+    tracking.log_artifact(out)
+    return format_comparison(before, after, names, title=f"held-out seeds 0-{num_samples - 1}, NFE {tuned.meta.nfe}")
+
+
+__all__ = ["compare", "compare_tables", "evaluate_table", "flat_metrics", "format_comparison"]

@@ -1,4 +1,4 @@
-"""The RDPO policy: a distribution over solver tables, a residual over the distilled one (design.md).
+"""The RDPO policy: a distribution over solver tables, a residual over the distilled one.
 
 Per step n, with K intermediate points:
 

@@ -17,9 +17,9 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from safetensors.torch import load as st_load
@@ -29,7 +29,8 @@ from tqdm import tqdm
 from .. import tracking
 from ..backbones import Backbone
 from ..io import atomic_write, load_optimizer, optimizer_tensors, weight_paths
-from ..rewards import Reward
+from ..options import Field
+from ..rewards import REWARDS, Reward
 from ..solvers import SolverTable, load_table, sample_epd, save_table
 from .policy import Action, DirichletPolicy, entropy, kl_divergence, log_prob, sample
 from .ppo import GROUPINGS, ppo_loss, rloo_advantages
@@ -41,51 +42,61 @@ METRICS = ("step", "reward_mean", "reward_std", "kl_prior", "clip_fraction", "ap
 
 @dataclass(frozen=True)
 class RDPOConfig:
-    """The upstream ``ppo.*`` keys with their defaults, plus the few choices upstream hard-codes or lacks."""
+    """PPO on the table policy (config section ``rdpo.ppo``): upstream's ``ppo.*`` keys with their defaults, plus the
+    few choices upstream hard-codes or lacks."""
 
-    steps: int = 100
-    rollout_batch_size: int = 8            # B samples per PPO step: B / rloo_k prompts × rloo_k tables (upstream)
-    rloo_k: int = 4
-    ppo_epochs: int = 1
-    minibatch_size: int = 4
-    learning_rate: float = 7e-5
-    clip_range: float = 0.2
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0
-    max_grad_norm: float = 1.0             # 0 = no clipping
-    dirichlet_concentration: float = 20.0  # upstream: 20 for SD1.5, 10 for SD3
-    save_interval: int = 50
-    seed: int = 0
-    rloo_grouping: str = "prompt"          # "strided": upstream's groups of k different prompts
-    shared_noise: bool = True              # a prompt's k samples start from one noise: the baseline then
-    #                                        compares tables, not noise draws (still unbiased)
-    normalize_advantages: bool = True      # upstream's default
-    scales: bool = False                   # also learn scale_dir / scale_time (log-normal), else keep the table's
-    scale_std: float = 0.05                # upstream ppo.scale_std
-    hidden_dim: int = 256
-    num_layers: int = 3
-    weight_decay: float = 0.0              # AdamW; upstream uses 0
+    steps: Annotated[int, Field(ge=1, description="PPO steps")] = 100
+    rollout_batch_size: Annotated[int, Field(ge=1, description="samples per PPO step: rollout_batch_size / rloo_k "
+                                                               "prompts x rloo_k tables")] = 8
+    rloo_k: Annotated[int, Field(ge=2, description="samples per prompt for the leave-one-out baseline")] = 4
+    ppo_epochs: Annotated[int, Field(ge=1, description="passes over each rollout")] = 1
+    minibatch_size: Annotated[int, Field(ge=1, description="samples per gradient step")] = 4
+    learning_rate: Annotated[float, Field(gt=0, description="AdamW learning rate")] = 7e-5
+    clip_range: Annotated[float, Field(gt=0, description="PPO ratio clip")] = 0.2
+    kl_coef: Annotated[float, Field(ge=0, description="KL to the distilled (cold-start) policy")] = 0.0
+    entropy_coef: Annotated[float, Field(ge=0, description="entropy bonus")] = 0.0
+    max_grad_norm: Annotated[float, Field(ge=0, description="gradient-norm clip (0: none)")] = 1.0
+    dirichlet_concentration: Annotated[float, Field(gt=0, description="c in the log-concentration log(c * mean) + "
+                                                                      "delta: how far draws stray (upstream: 20 "
+                                                                      "SD1.5, 10 SD3)")] = 20.0
+    save_interval: Annotated[int, Field(ge=1, description="steps between checkpoint and table writes")] = 50
+    seed: Annotated[int, Field(ge=0, description="policy initialisation, prompts, noise and draws of each step")] = 0
+    rloo_grouping: Annotated[Literal[GROUPINGS], Field(description="RLOO groups: a prompt's k samples, or "
+                                                                   "upstream's strided groups of k prompts")] = "prompt"
+    shared_noise: Annotated[bool, Field(description="a prompt's k samples start from one noise, so the baseline "
+                                                    "compares tables, not noise draws")] = True
+    normalize_advantages: Annotated[bool, Field(description="standardise advantages per batch (upstream)")] = True
+    scales: Annotated[bool, Field(description="also learn scale_dir / scale_time (log-normal); else keep the "
+                                              "table's")] = False
+    scale_std: Annotated[float, Field(gt=0, description="std of the log-scales (upstream ppo.scale_std)")] = 0.05
+    hidden_dim: Annotated[int, Field(ge=1, description="width of the residual MLP")] = 256
+    num_layers: Annotated[int, Field(ge=1, description="depth of the residual MLP")] = 3
+    weight_decay: Annotated[float, Field(ge=0, description="AdamW weight decay (upstream: 0)")] = 0.0
 
     def __post_init__(self):
-        positive = ("steps", "rollout_batch_size", "ppo_epochs", "minibatch_size", "save_interval", "hidden_dim")
-        bad = [k for k in positive if getattr(self, k) < 1]
-        if bad:
-            raise ValueError(f"rdpo: {', '.join(bad)} must be >= 1")
-        if self.rloo_k < 2 or self.rollout_batch_size % self.rloo_k:
-            raise ValueError(f"rdpo: rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
-                             f"rloo_k >= 2 (got {self.rloo_k}): RLOO needs k samples per prompt")
+        if self.rollout_batch_size % self.rloo_k:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of rloo_k "
+                             f"({self.rloo_k}): RLOO needs k samples per prompt")
         if self.minibatch_size > self.rollout_batch_size:
-            raise ValueError(f"rdpo: minibatch_size ({self.minibatch_size}) exceeds rollout_batch_size "
+            raise ValueError(f"minibatch_size ({self.minibatch_size}) exceeds rollout_batch_size "
                              f"({self.rollout_batch_size})")
-        if self.learning_rate <= 0 or self.clip_range <= 0 or self.dirichlet_concentration <= 0:
-            raise ValueError("rdpo: learning_rate, clip_range and dirichlet_concentration must be > 0")
-        if min(self.kl_coef, self.entropy_coef, self.max_grad_norm, self.weight_decay) < 0:
-            raise ValueError("rdpo: kl_coef, entropy_coef, max_grad_norm and weight_decay must be >= 0")
-        if self.rloo_grouping not in GROUPINGS:
-            raise ValueError(f"rdpo: rloo_grouping must be one of {GROUPINGS}, got {self.rloo_grouping!r}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RDPOOptions:
+    """Stage 2 (config section ``rdpo``): the reward, the training prompts, PPO, and an optional held-out check."""
+
+    reward: Annotated[dict[Literal[tuple(REWARDS)], float],
+                      Field(min_length=1, description="reward name -> weight, as upstream reward.multi.weights")] = \
+        field(default_factory=lambda: {"label_logprob": 1.0, "realism": 0.5})
+    prompts: Annotated[str, Field(min_length=1, description="training prompts (.txt, or .csv with a text column)",
+                                  json_schema_extra={"flag": "--prompt-file"})] = "data/prompts/digits.txt"
+    eval_samples: Annotated[int, Field(ge=0, description="after training, compare start and tuned table on this "
+                                                         "many held-out seeds (0: skip)")] = 0
+    ppo: RDPOConfig = field(default_factory=RDPOConfig)
 
 
 @dataclass

@@ -23,6 +23,9 @@ from typing import Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 
+from .digits import LabelLogProb, Realism
+from .t2i import SCORERS, load_scorer
+
 
 @runtime_checkable
 class Reward(Protocol):
@@ -34,10 +37,28 @@ class Reward(Protocol):
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
 
 
-def _registry() -> dict[str, Callable[..., Reward]]:
-    from .digits import LabelLogProb, Realism
+def _digit_reward(cls: type) -> Callable[..., Reward]:
+    def load(**options) -> Reward:
+        return cls(**{k: v for k, v in options.items() if k not in T2I_OPTIONS})
 
-    return {"label_logprob": LabelLogProb, "realism": Realism}
+    return load
+
+
+def _t2i_reward(name: str) -> Callable[..., Reward]:
+    def load(**options) -> Reward:
+        return load_scorer(name, **{k: v for k, v in options.items() if k in T2I_OPTIONS})
+
+    return load
+
+
+T2I_OPTIONS = ("weights", "device", "batch_size")   # what the text-to-image scorers take (and digits do not)
+
+# Every reward by name → its loader. Adding a reward is its class in its own module plus one line here.
+REWARDS: dict[str, Callable[..., Reward]] = {
+    "label_logprob": _digit_reward(LabelLogProb),
+    "realism": _digit_reward(Realism),
+    **{name: _t2i_reward(name) for name in SCORERS},
+}
 
 
 class MultiReward:
@@ -69,9 +90,6 @@ class MultiReward:
         return total
 
 
-T2I_OPTIONS = ("weights", "device", "batch_size")   # what the text-to-image scorers take (and digits do not)
-
-
 def load_reward(spec: str | Mapping[str, float], **options) -> Reward:
     """A reward by name (``"label_logprob"``, ``"realism"``, ``"hpsv2"``, …) or a weighted combination
     ``{name: weight}``.
@@ -81,15 +99,9 @@ def load_reward(spec: str | Mapping[str, float], **options) -> Reward:
     """
     if isinstance(spec, Mapping):
         return MultiReward(spec, **options)
-    from .t2i import SCORERS, load_scorer
-
-    registry = _registry()
-    if spec in SCORERS:
-        return load_scorer(spec, **{k: v for k, v in options.items() if k in T2I_OPTIONS})
-    if spec not in registry:
-        raise ValueError(f"unknown reward {spec!r}; expected one of {sorted([*registry, *SCORERS])} or a "
-                         f"{{name: weight}} mapping")
-    return registry[spec](**{k: v for k, v in options.items() if k not in T2I_OPTIONS})
+    if spec not in REWARDS:
+        raise ValueError(f"unknown reward {spec!r}; expected one of {sorted(REWARDS)} or a {{name: weight}} mapping")
+    return REWARDS[spec](**options)
 
 
-__all__ = ["MultiReward", "Reward", "load_reward"]
+__all__ = ["MultiReward", "REWARDS", "Reward", "load_reward"]

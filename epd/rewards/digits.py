@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from ..backbones.gmm import labels_from_prompts
+from ..data import labels_from_prompts
 from ..metrics.digits import as_pixels, data_pixels, digit_features, digit_log_probs, load_digit_classifier
 
 

@@ -1,4 +1,5 @@
-"""EPD-Solver and EPD-Plugin (Zhu et al., ICCV 2025), the equations of design.md.
+"""EPD-Solver and EPD-Plugin (Zhu et al., ICCV 2025, "Distilling Parallel Gradients for Fast ODE Solvers of
+Diffusion Models").
 
 Step n, grid σ_n > σ_{n+1} > 0, table row (r, λ, c, a) with K entries:
 

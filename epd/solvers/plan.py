@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import schedules
-from .table import SolverTable
+from .registry import SOLVERS, nfe as count_nfe, solver as lookup
+from .table import SolverTable, handset_table
 
 
 @dataclass(frozen=True)
@@ -27,21 +28,20 @@ class Plan:
 
 def plan_for_nfe(solver: str, nfe: int) -> Plan:
     """The grid that makes ``solver`` cost exactly ``nfe`` sequential denoiser calls."""
+    budget = lookup(solver).budget
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
-    if solver in ("epd", "epd_plugin", "dpm2"):
+    if budget == "two_call":
         if nfe < 2:
             raise ValueError(f"{solver} needs nfe >= 2 (one step with AFS costs 1 + 1 calls)")
         afs = nfe % 2 == 1
         return Plan(num_steps=(nfe + int(afs)) // 2 + 1, ends_at_zero=False, afs=afs)
-    if solver == "heun":
+    if budget == "heun":
         afs = nfe % 2 == 0
         if nfe + int(afs) < 3:
-            raise ValueError("heun needs nfe >= 3")
+            raise ValueError(f"{solver} needs nfe >= 3")
         return Plan(num_steps=(nfe + 1 + int(afs)) // 2, ends_at_zero=True, afs=afs)
-    if solver in ("euler", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"):
-        return Plan(num_steps=nfe + 1, ends_at_zero=False, afs=False)
-    raise ValueError(f"unknown solver {solver!r}")
+    return Plan(num_steps=nfe + 1, ends_at_zero=False, afs=False)
 
 
 def grid_for(plan: Plan, schedule: str, sigma_min: float, sigma_max: float, rho: float = 7.0,
@@ -61,18 +61,13 @@ class Configured:
 
     @property
     def nfe(self) -> int:
-        from . import nfe as count
-
-        base = "epd" if self.table is not None else self.name
-        ends_at_zero = bool(self.sigmas[-1] == 0)
-        return count(base, len(self.sigmas), ends_at_zero=ends_at_zero, afs=self.afs)
+        return count_nfe(self.name, len(self.sigmas), ends_at_zero=bool(self.sigmas[-1] == 0), afs=self.afs)
 
     def __call__(self, denoiser, x: torch.Tensor, cond=None, callback=None) -> torch.Tensor:
-        from . import BASELINES, sample_epd
-
+        fn = SOLVERS[self.name].fn
         if self.table is not None:
-            return sample_epd(denoiser, x, self.sigmas, self.table, cond=cond, callback=callback)
-        return BASELINES[self.name](denoiser, x, self.sigmas, cond=cond, callback=callback, afs=self.afs)
+            return fn(denoiser, x, self.sigmas, self.table, cond=cond, callback=callback)
+        return fn(denoiser, x, self.sigmas, cond=cond, callback=callback, afs=self.afs)
 
 
 def configure(solver: str, nfe: int | None = None, *, schedule: str = "polynomial", sigma_min: float = 0.002,
@@ -83,10 +78,8 @@ def configure(solver: str, nfe: int | None = None, *, schedule: str = "polynomia
     EPD takes ``table`` (its metadata fixes grid and NFE) or, without one, a hand-set table of ``num_points``
     built for ``nfe`` on the given schedule.
     """
-    from .table import handset_table
-
     schedule_args = schedule_args or {}
-    if solver in ("epd", "epd_plugin"):
+    if lookup(solver).table:
         if table is None:
             if nfe is None:
                 raise ValueError("EPD needs a table or an nfe for a hand-set table")
@@ -102,3 +95,15 @@ def configure(solver: str, nfe: int | None = None, *, schedule: str = "polynomia
     plan = plan_for_nfe(solver, nfe)
     sigmas = grid_for(plan, schedule, sigma_min, sigma_max, rho, **schedule_args)
     return Configured(solver, sigmas, plan.afs)
+
+
+def configure_for(backbone, solver: str, nfe: int | None = None, *, table: SolverTable | None = None,
+                  schedule: str = "polynomial", rho: float = 7.0, num_points: int = 2) -> Configured:
+    """:func:`configure` on ``backbone``'s own grid: the schedule's σ range and arguments come from the backbone
+    (and a schedule it cannot run on is refused); a table must have been made for this backbone (or for any)."""
+    if table is not None:
+        if table.meta.backbone not in ("", backbone.name):
+            raise ValueError(f"the table was made for backbone {table.meta.backbone!r}, not {backbone.name!r}")
+        return configure("epd_plugin" if table.meta.plugin else "epd", nfe, table=table)
+    return configure(solver, nfe, schedule=schedule, rho=rho, num_points=num_points, backbone=backbone.name,
+                     **backbone.grid_args(schedule))

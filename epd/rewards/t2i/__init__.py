@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from .common import MissingWeightsError
+from ...io import MissingWeightsError
 
 # scorer name → (module, class, {constructor option: key of the weights mapping it reads besides its own})
 SCORERS: dict[str, tuple[str, str, dict[str, str]]] = {

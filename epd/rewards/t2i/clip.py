@@ -13,8 +13,8 @@ import os
 import torch
 from torch import nn
 
-from .common import (LinearHead, Scorer, clip_embeddings, load_checkpoint, load_clip, load_strict, require,
-                     require_hf_folder)
+from ...io import load_checkpoint, require, require_hf_folder
+from .common import LinearHead, Scorer, clip_embeddings, load_clip, load_strict
 
 CLIP_SOURCE = "https://huggingface.co/openai/clip-vit-large-patch14 (save_pretrained folder)"
 AESTHETIC_SOURCE = ("sac+logos+ava1-l14-linearMSE.pth at "

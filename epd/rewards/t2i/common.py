@@ -1,9 +1,8 @@
-"""What the text-to-image scorers share: finding their weight files, loading third-party checkpoints safely,
+"""What the text-to-image scorers share (besides epd.io's weight-file lookup and safe checkpoint loading):
 turning pixels into the PIL images every released preprocessing starts from, and the linear MLP head that
 ImageReward and the LAION aesthetic predictor both use."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -12,65 +11,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ...io import MissingWeightsError
+
 # OpenAI CLIP's pixel statistics: HPSv2, ImageReward, the aesthetic predictor and the CLIP processors all use them.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class MissingWeightsError(FileNotFoundError):
-    """A scorer's weight file is not where the config says; the message names the file and where it comes from."""
-
-
-def require(path: str | os.PathLike | None, what: str, source: str) -> Path:
-    """``path`` as an existing Path, or an error naming the file, the scorer and where the file comes from."""
-    if path is None or str(path) == "":
-        raise MissingWeightsError(f"{what}: no weights path given (evaluate.weights in the config, or "
-                                  f"--weights METRIC=PATH); get it from {source}")
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise MissingWeightsError(f"{what}: weights file missing: {p} (get it from {source})")
-    return p
-
-
-def require_hf_folder(path: str | os.PathLike | None, what: str, source: str,
-                      files: Sequence[str] = ("config.json",)) -> Path:
-    """A transformers ``save_pretrained`` folder holding ``files`` (and a weights file), else a naming error."""
-    folder = require(path, what, source)
-    if not folder.is_dir():
-        raise MissingWeightsError(f"{what}: {folder} must be a folder written by save_pretrained (from {source})")
-    for name in files:
-        require(folder / name, what, source)
-    if not any((folder / w).exists() for w in ("model.safetensors", "model.safetensors.index.json",
-                                               "pytorch_model.bin", "pytorch_model.bin.index.json")):
-        raise MissingWeightsError(f"{what}: weights file missing: {folder / 'model.safetensors'} "
-                                  f"(or pytorch_model.bin; get it from {source})")
-    return folder
-
-
-def load_checkpoint(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch checkpoint read with ``weights_only=True`` (no code runs).
-
-    A checkpoint that nests its state dict under ``state_dict`` or ``model`` (HPSv2, BLIP) is unwrapped, and a
-    DataParallel ``module.`` prefix is dropped."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle.UnpicklingError and friends: the message says which global was refused
-            raise ValueError(f"{what}: {path} is not a plain state-dict checkpoint (torch.load with "
-                             f"weights_only=True refused it: {str(e).splitlines()[0]}). Save its state_dict, or "
-                             f"convert it to .safetensors") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{what}: {path} does not hold a state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:

@@ -12,7 +12,8 @@ import os
 
 import torch
 
-from .common import Scorer, load_checkpoint, load_strict, require
+from ...io import load_checkpoint, require
+from .common import Scorer, load_strict
 
 SOURCE = "HPS_v2.1_compressed.pt at https://huggingface.co/xswu/HPSv2"
 

@@ -21,7 +21,8 @@ import re
 import torch
 from torch import nn
 
-from .common import CLIP_MEAN, CLIP_STD, LinearHead, Scorer, load_checkpoint, load_strict, require
+from ...io import load_checkpoint, require
+from .common import CLIP_MEAN, CLIP_STD, LinearHead, Scorer, load_strict
 
 SOURCE = ("https://huggingface.co/THUDM/ImageReward (ImageReward.pt, med_config.json) and vocab.txt of "
           "https://huggingface.co/google-bert/bert-base-uncased")

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import Scorer, load_checkpoint, load_clip_processor, load_strict, require
+from ...io import load_checkpoint, require
+from .common import Scorer, load_clip_processor, load_strict
 from .pickled import pickled_module_state_dict
 
 SOURCE = "MPS_overall_checkpoint.pth from https://github.com/Kwai-Kolors/MPS (its README's Google Drive link)"

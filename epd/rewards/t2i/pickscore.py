@@ -10,7 +10,8 @@ import os
 
 import torch
 
-from .common import Scorer, clip_embeddings, load_clip, require, require_hf_folder
+from ...io import require, require_hf_folder
+from .common import Scorer, clip_embeddings, load_clip
 
 SOURCE = ("https://huggingface.co/yuvalkirstain/PickScore_v1 (model) with the processor files of "
           "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K")

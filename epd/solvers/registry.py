@@ -1,0 +1,64 @@
+"""Every solver by name: its function and how it spends an NFE budget. Adding a solver is its function in its own
+module plus one line in :data:`SOLVERS`; the CLI's choices, the config schema, NFE counting and grid planning all
+read this table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .baselines import (sample_dpm2, sample_dpmpp_2m, sample_dpmpp_3m, sample_euler, sample_heun, sample_ipndm,
+                        sample_unipc)
+from .epd import sample_epd
+
+# How a solver lays out the grid for an NFE budget (epd.solvers.plan):
+#   "one_call"  one denoiser call per step: NFE + 1 points ending at σ_min;
+#   "two_call"  a second call inside each step (DPM-Solver-2, EPD): AFS for odd NFE, ending at σ_min;
+#   "heun"      EDM's recipe: the grid ends in 0 and the step into it is Euler; AFS for even NFE.
+BUDGETS = ("one_call", "two_call", "heun")
+
+
+@dataclass(frozen=True)
+class Solver:
+    fn: Callable
+    budget: str                  # one of BUDGETS
+    teacher: bool = False        # accurate enough (with inserted steps) to make teacher trajectories
+    table: bool = False          # takes a solver table (EPD, EPD-Plugin)
+
+    @property
+    def calls_per_step(self) -> int:
+        return 1 if self.budget == "one_call" else 2
+
+
+SOLVERS: dict[str, Solver] = {
+    "euler": Solver(sample_euler, "one_call"),
+    "heun": Solver(sample_heun, "heun", teacher=True),
+    "dpm2": Solver(sample_dpm2, "two_call", teacher=True),
+    "dpmpp_2m": Solver(sample_dpmpp_2m, "one_call"),
+    "dpmpp_3m": Solver(sample_dpmpp_3m, "one_call"),
+    "unipc": Solver(sample_unipc, "one_call"),
+    "ipndm": Solver(sample_ipndm, "one_call"),
+    "epd": Solver(sample_epd, "two_call", table=True),
+    "epd_plugin": Solver(sample_epd, "two_call", table=True),
+}
+
+# Hand-designed solvers, each f(denoiser, x, sigmas, *, cond=None, callback=None, afs=False).
+BASELINES: dict[str, Callable] = {name: s.fn for name, s in SOLVERS.items() if not s.table}
+TEACHERS: dict[str, Callable] = {name: s.fn for name, s in SOLVERS.items() if s.teacher}
+
+
+def solver(name: str) -> Solver:
+    """The registry entry of ``name``, or an error listing the known solvers."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; expected one of {sorted(SOLVERS)}")
+    return SOLVERS[name]
+
+
+def nfe(name: str, num_points: int, *, ends_at_zero: bool = False, afs: bool = False) -> int:
+    """Sequential denoiser calls for a grid of ``num_points`` (counting a trailing 0 if ``ends_at_zero``).
+
+    Heun and DPM-Solver-2 take a first-order step into σ = 0 (one call); EPD's K parallel calls count once.
+    """
+    steps = num_points - 1
+    if solver(name).calls_per_step == 2:
+        return 2 * steps - int(ends_at_zero) - int(afs)
+    return steps - int(afs)
