@@ -1,19 +1,16 @@
-# epd pipeline: teacher trajectories -> distillation -> RDPO -> sampling -> evaluation -> report.
-# Run from the repository root:  snakemake --profile workflow/profiles/default   (or workflow/profiles/slurm).
-# Experiments: --configfile config/sd15.yaml. dvc.yaml mirrors these rules (tests/test_dvc.py checks the two agree).
-from snakemake.utils import min_version, validate
+# epd pipeline: teacher trajectories -> distillation -> RDPO -> samples -> evaluation -> report.
+# From the repository root:  snakemake --profile default   (or --profile slurm; an experiment: --configfile
+# config/sd15.yaml). dvc.yaml declares the same jobs (tests/system/test_dvc.py checks that the two agree).
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 
 # An experiment's --configfile replaces the embedded default instead of being merged into it (merged, the default's
-# backbone options would leak into another backbone's).
+# backbone options would reach another backbone).
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
-
-
-validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
@@ -30,8 +27,16 @@ rule all:
         f"{REPORT}/summary.md",
 
 
+# Every invocation that runs jobs gets its own MLflow pipeline run; its stage runs nest under it.
+onstart:
+    shell(f"epd pipeline-run start --config {CONFIGFILE} --out {PARENT_RUN}")
+
+
 onsuccess:
-    # The summary table of a finished pipeline and where to look at the runs (also after a no-op rerun).
-    if os.path.exists(f"{REPORT}/summary.md"):
-        print(open(f"{REPORT}/summary.md").read())
-        print(f"MLflow UI: mlflow ui --backend-store-uri {config['tracking']['uri']}  (then open http://127.0.0.1:5000)")
+    shell(f"epd pipeline-run end {PARENT_RUN} --status FINISHED --commit-dvc")
+    print(open(f"{REPORT}/summary.md").read())
+    print(f"MLflow UI: mlflow ui --backend-store-uri {CFG.tracking.uri}  (then open http://127.0.0.1:5000)")
+
+
+onerror:
+    shell(f"epd pipeline-run end {PARENT_RUN} --status FAILED")

@@ -1,59 +1,38 @@
-# Names, paths and flag formatting shared by the rules: config -> command-line flags, nothing else.
-import json
-import shlex
+# The checked config, the results layout and the stamps each rule depends on. Every rule's command reads its
+# values from the config file itself (`epd <stage> --config FILE`): the rules only name files.
+from epd.backbones import BACKBONES
+from epd.config import STAGE_SECTIONS, from_mapping, read_yaml, stamp
 
 CONFIGFILE = ([str(f) for f in workflow.overwrite_configfiles] or ["config/config.yaml"])[-1]
-RESULTS = f"results/{config['experiment']}"
-PARENT_RUN = f"{RESULTS}/pipeline-run.json"  # the MLflow pipeline run every stage run nests under
+if config != read_yaml(CONFIGFILE):
+    raise ValueError(f"the stages read {CONFIGFILE} itself: put changes in a config file (--configfile), not "
+                     f"--config KEY=VALUE")
+CFG = from_mapping(config)  # checked before any job starts: a bad value stops here, naming its key
+RESULTS = str(CFG.results)
 REPORT = f"{RESULTS}/report"
-TABLE_SOLVERS = ["epd", "rdpo"]  # distilled table, and the same after RDPO
-SAMPLED = [f"{s}-nfe{n}" for s in TABLE_SOLVERS for n in config["distill"]["nfe"]] + [
-    f"{s}-nfe{n}" for s in config["baselines"]["solvers"] for n in config["baselines"]["nfe"]
+PARENT_RUN = f"{RESULTS}/pipeline-run.json"  # the MLflow run of this invocation (epd pipeline-run start)
+TRACK = f"--parent-run {PARENT_RUN} --no-progress"
+GPU = int(BACKBONES[CFG.backbone.name].gpu)  # the slurm executor reads the `gpu` resource
+TABLE_SOLVERS = ["epd", "rdpo"]  # the distilled table, and the same after RDPO
+SAMPLED = [f"{s}-nfe{n}" for s in TABLE_SOLVERS for n in CFG.pipeline.nfe] + [
+    f"{s}-nfe{n}" for s in CFG.pipeline.baselines for n in CFG.pipeline.baseline_nfe
 ]
-# Diffusers backbones run on a GPU; the embedded ones on a CPU (the slurm executor reads the `gpu` resource).
-GPU = 1 if config["backbone"]["name"] in ("sd15", "sd3") else 0
+
+stamp(CFG)  # results/<experiment>/config/<section>.json, rewritten only when a section's content changed
+
+
+def stamps(stage):
+    """The stamps of the config sections a stage reads: an edited value reruns exactly those stages."""
+    return [f"{RESULTS}/config/{name}.json" for name in STAGE_SECTIONS[stage]]
+
+
+def files(*paths):
+    """Input files named by the config (a prompt file), when it names one."""
+    return [p for p in paths if p]
+
 
 wildcard_constraints:
     nfe=r"\d+",
     kind="|".join(TABLE_SOLVERS),
-    solver="|".join(config["baselines"]["solvers"]) or "(?!)",
+    solver="|".join(CFG.pipeline.baselines) or "(?!)",
     name=r"[a-z0-9_]+-nfe\d+",
-
-
-def flags(options):
-    """{"max_batch": 4, "cpu_offload": True, "dtype": None} -> "--max-batch 4 --cpu-offload" (None/False dropped)."""
-    out = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value is not None and value is not False:
-            out.append(f"{flag} {shlex.quote(str(value))}")
-    return " ".join(out)
-
-
-BACKBONE = f"--backbone {config['backbone']['name']} {flags(config['backbone'].get('options', {}))}".strip()
-SCHEDULE = f"--schedule {config['schedule']['name']} --rho {config['schedule']['rho']}"
-
-
-def tracking(run_name):
-    """Params function: the tracking flags of one stage run, nested under the pipeline run (contract 5); the run
-    name is a pattern over the job's wildcards, e.g. "sample-{solver}-nfe{nfe}"."""
-
-    def track(wildcards):
-        name = run_name.format(**wildcards)
-        return (f"--tracking-uri {shlex.quote(config['tracking']['uri'])} --experiment {config['experiment']} "
-                f"--parent-run {PARENT_RUN} --run-name {name}")
-
-    return track
-
-
-rule pipeline_run:
-    output:
-        PARENT_RUN,
-    params:
-        config=CONFIGFILE,
-    localrule: True
-    shell:
-        "epd pipeline-run start --out {output} --config {params.config} --tracking-uri {config[tracking][uri]:q} "
-        "--experiment {config[experiment]}"

@@ -1,18 +1,16 @@
-# Evaluation of one sample folder: OUT/per_image.csv and OUT/summary.json (contract 3).
+# Evaluation of one sample folder: OUT/per_image.csv and OUT/summary.json.
 rule evaluate:
     input:
-        f"{RESULTS}/samples/{{name}}",
+        stamps("evaluate"),
+        samples=f"{RESULTS}/samples/{{name}}",
     output:
         f"{RESULTS}/eval/{{name}}/per_image.csv",
         f"{RESULTS}/eval/{{name}}/summary.json",
     params:
         out=f"{RESULTS}/eval/{{name}}",
-        metrics=" ".join(config["evaluate"]["metrics"]),
-        weights=" ".join(f"--weights {m}={shlex.quote(p)}" for m, p in config["evaluate"].get("weights", {}).items()),
-        reference=flags({"reference_stats": config["evaluate"].get("reference_stats")}),
-        tracking=tracking("evaluate-{name}"),
+    log:
+        f"{RESULTS}/logs/evaluate-{{name}}.log",
     resources:
         gpu=GPU,
     shell:
-        "epd evaluate --samples {input} --metrics {params.metrics} {params.weights} {params.reference} "
-        "--out {params.out} {params.tracking}"
+        "epd evaluate --config {CONFIGFILE} --samples {input.samples} --out {params.out} {TRACK} > {log} 2>&1"

@@ -4,16 +4,12 @@ rule report:
     input:
         evals=expand(f"{RESULTS}/eval/{{name}}/summary.json", name=SAMPLED),
         samples=expand(f"{RESULTS}/samples/{{name}}", name=SAMPLED),
-        loss=expand(f"{RESULTS}/tables/epd-nfe{{nfe}}.loss.csv", nfe=config["distill"]["nfe"]),
-        reward=expand(f"{RESULTS}/tables/rdpo-nfe{{nfe}}.metrics.csv", nfe=config["distill"]["nfe"]),
+        loss=expand(f"{RESULTS}/tables/epd-nfe{{nfe}}.loss.csv", nfe=CFG.pipeline.nfe),
+        reward=expand(f"{RESULTS}/tables/rdpo-nfe{{nfe}}.metrics.csv", nfe=CFG.pipeline.nfe),
     output:
         multiext(f"{REPORT}/", "summary.md", "summary.csv", "quality_vs_nfe.png", "curves.png", "grids.png"),
-    params:
-        results=RESULTS,
-        out=REPORT,
-        parent=PARENT_RUN,
-        tracking=tracking("report"),
+    log:
+        f"{RESULTS}/logs/report.log",
     localrule: True
     shell:
-        "epd report --results {params.results} --out {params.out} {params.tracking} "
-        "&& epd pipeline-run end {params.parent}"
+        "epd report --config {CONFIGFILE} --results {RESULTS} --out {REPORT} {TRACK} > {log} 2>&1"

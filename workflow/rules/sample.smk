@@ -1,36 +1,29 @@
-# Sampling on the held-out seeds: the learned tables (epd, rdpo) and every baseline x NFE, one parallel job each.
-# Each writes DIR/samples.csv + PNGs (contract 2).
+# Sampling on the held-out seeds: the learned tables (epd, rdpo) and every baseline x NFE, one job each.
 rule sample_table:
     input:
+        stamps("sample"),
+        files(CFG.sample.prompts),
         table=f"{RESULTS}/tables/{{kind}}-nfe{{nfe}}.json",
-        prompts=config["sample"]["prompts"],
     output:
         directory(f"{RESULTS}/samples/{{kind}}-nfe{{nfe}}"),
-    params:
-        backbone=BACKBONE,
-        s=config["sample"],
-        tracking=tracking("sample-{kind}-nfe{nfe}"),
+    log:
+        f"{RESULTS}/logs/sample-{{kind}}-nfe{{nfe}}.log",
     resources:
         gpu=GPU,
     shell:
-        "epd sample {params.backbone} --table {input.table} --seeds {params.s[seeds]} --prompt-file {input.prompts} "
-        "--batch {params.s[batch]} --outdir {output} --no-progress {params.tracking}"
+        "epd sample --config {CONFIGFILE} --table {input.table} --outdir {output} {TRACK} > {log} 2>&1"
 
 
 rule sample_baseline:
     input:
-        PARENT_RUN,
-        prompts=config["sample"]["prompts"],
+        stamps("sample"),
+        files(CFG.sample.prompts),
     output:
         directory(f"{RESULTS}/samples/{{solver}}-nfe{{nfe}}"),
-    params:
-        backbone=BACKBONE,
-        schedule=SCHEDULE,
-        s=config["sample"],
-        tracking=tracking("sample-{solver}-nfe{nfe}"),
+    log:
+        f"{RESULTS}/logs/sample-{{solver}}-nfe{{nfe}}.log",
     resources:
         gpu=GPU,
     shell:
-        "epd sample {params.backbone} --solver {wildcards.solver} --nfe {wildcards.nfe} {params.schedule} "
-        "--seeds {params.s[seeds]} --prompt-file {input.prompts} --batch {params.s[batch]} --outdir {output} "
-        "--no-progress {params.tracking}"
+        "epd sample --config {CONFIGFILE} --solver {wildcards.solver} --nfe {wildcards.nfe} --outdir {output} "
+        "{TRACK} > {log} 2>&1"

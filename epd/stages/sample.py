@@ -1,0 +1,84 @@
+"""``epd sample``: images from seeds with a baseline solver at an NFE, a hand-set EPD table, or a table file."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .. import tracking
+from ..config import STAGE_SECTIONS, Config
+from ..data import parse_labels, parse_seeds, read_prompts
+from ..options import given_flags, json_object
+from ..sample import check_sample_dir, generate, save_grid, write_samples
+from ..solvers import SOLVERS, load_table
+from ..solvers.plan import configure_for
+from . import common
+
+HELP = "generate images with a baseline solver or an EPD table"
+SECTIONS = STAGE_SECTIONS["sample"]
+
+
+class _BackendConfig(argparse.Action):
+    """``--backend-config JSON``: backbone options as one JSON object, each stored as if given by its own flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            given = json_object(values)
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"{option_string}: {e}")
+        for key, value in given.items():
+            setattr(namespace, f"backbone.options.{key}", value)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--outdir", required=True, help="output folder: one PNG per seed and samples.csv")
+    p.add_argument("--solver", choices=sorted(SOLVERS), default="epd",
+                   help="solver (default epd: a hand-set table unless --table is given)")
+    p.add_argument("--nfe", type=int, default=5, help="denoiser calls per sample (a --table fixes its own)")
+    p.add_argument("--table", help="EPD table (NAME.json / NAME.safetensors); fixes solver, grid and NFE")
+    p.add_argument("--num-points", type=int, default=2, help="K of a hand-set EPD table")
+    p.add_argument("--prompt", help='one prompt for all seeds, e.g. "a handwritten 3" (instead of --labels or '
+                                    '--prompt-file)')
+    p.add_argument("--grid", action="store_true", help="write one grid.png instead of one PNG per seed")
+    p.add_argument("--overwrite", action="store_true", help="replace the samples an existing --outdir holds")
+    p.add_argument("--backend-config", action=_BackendConfig, metavar="JSON",
+                   help='backbone options as one JSON object (inline or a .json file), e.g. \'{"max_batch": 8, '
+                        '"load_options": {"variant": "fp16"}}\'')
+    common.add_config(p, SECTIONS)
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    s = cfg.sample
+    if args.prompt is not None and (s.labels is not None or s.prompts is not None):
+        raise ValueError("give one of --prompt, --labels, --prompt-file")
+    if args.num_points < 1:
+        raise ValueError(f"--num-points must be >= 1, got {args.num_points}")
+    seeds = parse_seeds(s.seeds)
+    labels = parse_labels(s.labels) if s.labels is not None else None
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(s.prompts) if s.prompts else None
+    if args.grid:
+        common.check_writable_file(f"{args.outdir}/grid.png", "grid")
+    else:
+        check_sample_dir(common.check_writable_dir(args.outdir, "output folder"), args.overwrite)
+    table = load_table(args.table) if args.table else None
+    asked = given_flags(args, "schedule").get("name")
+    if table is not None and asked is not None and asked != table.meta.schedule:
+        raise ValueError(f"{args.table} carries its own grid (schedule {table.meta.schedule!r}); --schedule {asked} "
+                         f"does not apply to it")
+    backbone = common.load(cfg)
+    run_ = configure_for(backbone, args.solver, None if table is not None else args.nfe, table=table,
+                         schedule=cfg.schedule.name, rho=cfg.schedule.rho, num_points=args.num_points)
+    if args.grid:
+        images = torch.cat([img for _, img in generate(backbone, run_, seeds, labels=labels, prompts=prompts,
+                                                       batch_size=s.batch, progress=not args.no_progress)])
+        out = f"{args.outdir}/grid.png"
+        save_grid(images, common.check_writable_file(out, "grid"))
+        tracking.log_artifact(out)
+    else:
+        out = write_samples(backbone, run_, seeds, args.outdir, labels=labels, prompts=prompts, batch_size=s.batch,
+                            subdirs=s.subdirs, overwrite=args.overwrite, progress=not args.no_progress)
+    tracking.set_tags({"solver": run_.name, "nfe": run_.nfe, "backbone": backbone.name,
+                       "schedule": table.meta.schedule if table is not None else cfg.schedule.name})
+    tracking.log_metrics({"num_samples": len(seeds)})
+    print(f"{len(seeds)} samples, solver={run_.name} nfe={run_.nfe} -> {out}")
+    return 0
