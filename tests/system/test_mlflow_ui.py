@@ -49,7 +49,7 @@ def pipeline(tmp_path_factory) -> dict:
         assert main(["pipeline-run", "start", "--out", run_file, "--tracking-uri", f"sqlite:///{root}/mlruns/mlflow.db",
                      "--experiment", EXPERIMENT, "--run-name", "digits pipeline"]) == 0
         common = ["--seeds", "0-15", "--labels", "3", "--grid", "--parent-run", run_file, "--no-progress"]
-        table = Path(__file__).parents[1] / "data" / "tables" / "epd-time_uniform-nfe5.json"
+        table = Path(__file__).parents[2] / "data" / "tables" / "epd-time_uniform-nfe5.json"
         assert main(["sample", "--table", str(table), "--outdir", str(root / "epd"),
                      "--run-name", "sample epd", *common]) == 0
         assert main(["sample", "--solver", "dpmpp_2m", "--nfe", "5", "--schedule", "time_uniform",

@@ -1,5 +1,5 @@
 """A real single-node SLURM cluster on 127.0.0.1 (Debian's slurmctld, slurmd, munge), started and stopped by the
-test, runs the tiny pipeline through `--profile workflow/profiles/slurm`.
+test, runs the tiny pipeline through `snakemake --profile slurm` from the project root, as a user types it.
 
 The cluster has the profile's partitions (cpu, gpu: the same node), no accounting database (hence the profile's
 `slurm-status-command: squeue`) and its own munge key and socket, so it touches nothing system-wide. Without the
@@ -138,7 +138,7 @@ def _wait(ready, what: str, d: Path, timeout: float = 60) -> None:
 def test_tiny_pipeline_on_slurm(cluster, tmp_path):
     root = project_copy(tmp_path)
     out = subprocess.run(
-        [str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm",
+        [str(BIN / "snakemake"), "--profile", "slurm",
          # the test cluster has no accounts; and its jobs are seconds long, so poll often
          "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5"],
         cwd=root, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
@@ -151,6 +151,6 @@ def test_tiny_pipeline_on_slurm(cluster, tmp_path):
     with (root / "results" / "tiny" / "report" / "summary.csv").open() as f:
         assert [(r["solver"], r["nfe"]) for r in csv.DictReader(f)] == [("epd", "3"), ("rdpo", "3"), ("euler", "3")]
     before = outputs(root)
-    again = subprocess.run([str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm", "--slurm-no-account", "-n"],
+    again = subprocess.run([str(BIN / "snakemake"), "--profile", "slurm", "--slurm-no-account", "-n"],
                            cwd=root, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert "Nothing to be done" in again.stdout and outputs(root) == before

@@ -1,5 +1,6 @@
-"""The Snakemake pipeline end to end on the tiny embedded config: a real run, a no-op rerun, `--forcerun` of one
-stage rerunning exactly it and its dependents, `--until`, and bad configs refused before any job starts."""
+"""The Snakemake pipeline end to end on the tiny embedded config: `snakemake --profile default` verbatim, a no-op
+rerun, `--forcerun` of one stage rerunning exactly it and its dependents, a changed config value rerunning exactly
+the stages that read it, `--until`, bad configs refused before any job starts, and the experiment configs' plans."""
 from __future__ import annotations
 
 import csv
@@ -10,39 +11,43 @@ import yaml
 
 from workflow_util import REPO, TINY, outputs, project_copy, run
 
-PROFILE = ["--profile", "workflow/profiles/default", "--cores", "2"]
+PROFILE = ["--profile", "default", "--cores", "2"]
 
 
 def dry_run_jobs(cwd, *args) -> dict[str, int]:
     """`snakemake -n` → {rule: number of jobs} from its job-stats table."""
     out = run(cwd, "snakemake", "-n", "--cores", "1", *args)
     assert out.returncode == 0, out.stdout
+    if "Nothing to be done" in out.stdout:
+        return {}
     stats = out.stdout.split("Job stats:")[1].split("\n\n")[0]
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
 
 
 def test_embedded_default_dag():
     """The embedded default: one job per solver x NFE for sampling and evaluation, run side by side."""
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    n_tables = len(cfg["distill"]["nfe"])
-    n_baselines = len(cfg["baselines"]["solvers"]) * len(cfg["baselines"]["nfe"])
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["pipeline"]
+    n_tables, n_baselines = len(cfg["nfe"]), len(cfg["baselines"]) * len(cfg["baseline_nfe"])
     jobs = dry_run_jobs(REPO, "--forceall")
-    assert jobs == {"pipeline_run": 1, "teacher": n_tables, "distill": n_tables, "rdpo": n_tables,
-                    "sample_table": 2 * n_tables, "sample_baseline": n_baselines,
-                    "evaluate": 2 * n_tables + n_baselines, "report": 1, "all": 1, "total": jobs["total"]}
+    assert jobs == {"teacher": n_tables, "distill": n_tables, "rdpo": n_tables, "sample_table": 2 * n_tables,
+                    "sample_baseline": n_baselines, "evaluate": 2 * n_tables + n_baselines, "report": 1, "all": 1,
+                    "total": jobs["total"]}
     assert jobs["total"] == sum(v for k, v in jobs.items() if k != "total")
 
 
 def test_until_stops_at_the_stage(tmp_path):
     root = project_copy(tmp_path)
-    assert dry_run_jobs(root, "--until", "teacher") == {"pipeline_run": 1, "teacher": 1, "total": 2}
+    assert dry_run_jobs(root, "--until", "teacher") == {"teacher": 1, "total": 1}
 
 
 @pytest.mark.parametrize("edit, names", [
-    (lambda c: c["distill"].update(iterations=-3), ["distill", "iterations", "-3"]),
-    (lambda c: c["distill"].update(iters=5), ["distill", "iters"]),
-    (lambda c: c["baselines"].update(solvers=["euler", "rk45"]), ["baselines", "solvers", "rk45"]),
-    (lambda c: c["sample"].update(seeds="0..9"), ["sample", "seeds", "0..9"]),
+    (lambda c: c["distill"].update(iterations=-3), ["distill.iterations", "greater than or equal to 1", "-3"]),
+    (lambda c: c["distill"].update(iters=5), ["distill.iters", "unknown key"]),
+    (lambda c: c["pipeline"].update(baselines=["euler", "rk45"]), ["pipeline.baselines", "rk45"]),
+    (lambda c: c["sample"].update(seeds="0..9"), ["sample.seeds", "0..9"]),
+    (lambda c: c["sample"].update(seeds="5-1"), ["sample", "seed range '5-1' runs backwards"]),
+    (lambda c: c["rdpo"].update(reward={"realsim": 1.0}), ["rdpo.reward", "realsim"]),
+    (lambda c: c["schedule"].update(name="flow_match"), ["schedule 'flow_match' does not fit backbone 'gmm-digits'"]),
 ])
 def test_bad_config_refused_before_any_job(tmp_path, edit, names):
     cfg = yaml.safe_load(TINY.read_text())
@@ -52,13 +57,19 @@ def test_bad_config_refused_before_any_job(tmp_path, edit, names):
     root = project_copy(tmp_path / "project", config=bad)
     out = run(root, "snakemake", *PROFILE)
     assert out.returncode != 0
-    assert "Error validating config" in out.stdout, out.stdout
     for name in names:
         assert name in out.stdout, f"{name!r} not named in:\n{out.stdout}"
     assert not (root / "results").exists()
 
 
-def test_tiny_pipeline_run_noop_forcerun(tmp_path):
+def test_overrides_on_the_command_line_are_refused(tmp_path):
+    """The stages read the config file itself, so a --config KEY=VALUE override would not reach them."""
+    root = project_copy(tmp_path)
+    out = run(root, "snakemake", "-n", "--cores", "1", "--config", "experiment=other")
+    assert out.returncode != 0 and "not --config KEY=VALUE" in out.stdout
+
+
+def test_tiny_pipeline_run_noop_forcerun_and_config_change(tmp_path):
     root = project_copy(tmp_path)
     out = run(root, "snakemake", *PROFILE)
     assert out.returncode == 0, out.stdout
@@ -72,6 +83,8 @@ def test_tiny_pipeline_run_noop_forcerun(tmp_path):
     for name in ("quality_vs_nfe.png", "curves.png", "grids.png"):
         assert (res / "report" / name).stat().st_size > 1000
     assert "| solver | NFE |" in out.stdout  # the Snakefile prints the summary table at the end
+    for job in ("teacher-nfe3", "distill-nfe3", "rdpo-nfe3", "sample-euler-nfe3", "evaluate-epd-nfe3", "report"):
+        assert (res / "logs" / f"{job}.log").stat().st_size > 0, job   # every job's output in its log
 
     before = outputs(root)
     again = run(root, "snakemake", *PROFILE)
@@ -82,7 +95,9 @@ def test_tiny_pipeline_run_noop_forcerun(tmp_path):
     assert forced.returncode == 0, forced.stdout
     after = outputs(root)
     changed = {p for p in after if after[p] != before.get(p)}
-    dependents = re.compile(r"results/tiny/(tables/(epd|rdpo)-nfe3|(samples|eval)/(epd|rdpo)-nfe3/|report/)")
+    # (and this invocation's MLflow pipeline run)
+    dependents = re.compile(r"results/tiny/(tables/(epd|rdpo)-nfe3|(samples|eval)/(epd|rdpo)-nfe3/|report/|logs/|"
+                            r"pipeline-run\.json)")
     assert changed and all(dependents.match(p) for p in changed), sorted(changed)
     for group in ("tables/epd-nfe3.json", "tables/rdpo-nfe3.json", "samples/epd-nfe3/", "samples/rdpo-nfe3/",
                   "eval/epd-nfe3/", "eval/rdpo-nfe3/", "report/"):
@@ -90,14 +105,24 @@ def test_tiny_pipeline_run_noop_forcerun(tmp_path):
     assert not any(p.startswith(("results/tiny/teacher/", "results/tiny/samples/euler", "results/tiny/eval/euler"))
                    for p in changed)
 
+    # One config value: exactly the stages that read its section, and what depends on them.
+    cfg = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    cfg["rdpo"]["ppo"]["kl_coef"] = 0.5
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert dry_run_jobs(root) == {"rdpo": 1, "sample_table": 1, "evaluate": 1, "report": 1, "all": 1, "total": 5}
+    cfg["sample"]["batch"] = 8
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert dry_run_jobs(root) == {"rdpo": 1, "sample_table": 2, "sample_baseline": 1, "evaluate": 3, "report": 1,
+                                  "all": 1, "total": 9}
+
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.yaml") if p.name != "config.yaml"))
 def test_experiment_configs_plan(name):
-    """Every experiment config passes the schema and plans its pipeline by --configfile, replacing the default
-    (not merged into it: no gmm-digits option reaches another backbone)."""
+    """Every experiment config passes the checks and plans its pipeline by --configfile, replacing the default (not
+    merged into it: no gmm-digits option reaches another backbone); every command reads that file."""
     cfg = yaml.safe_load((REPO / "config" / name).read_text())
     out = run(REPO, "snakemake", "-n", "-p", "--forceall", "--cores", "1", "--configfile", f"config/{name}")
     assert out.returncode == 0, out.stdout
     teacher = re.search(r"(?m)^Shell command: (epd teacher .*)$", out.stdout)[1]
-    assert f"--backbone {cfg['backbone']['name']} " in teacher and "--component-std" not in teacher
+    assert f"--config config/{name} " in teacher
     assert f"results/{cfg['experiment']}/report/summary.md" in out.stdout

@@ -59,7 +59,7 @@ def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 def test_pipeline_nests_stage_runs_comparable_by_solver(tracked):
     project = tracked
     (project / "config.yaml").write_text("experiment: digits-test\ntracking: {uri: 'sqlite:///mlruns/mlflow.db'}\n"
-                                         "distill: {nfe: [5], lr: 0.1}\n")
+                                         "pipeline: {nfe: [5]}\ndistill: {lr: 0.1}\n")
     assert main(["pipeline-run", "start", "--out", "run.json", "--config", "config.yaml"]) == 0
     info = json.loads((project / "run.json").read_text())
     assert info["tracking_uri"] == f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"   # made absolute
@@ -78,7 +78,8 @@ def test_pipeline_nests_stage_runs_comparable_by_solver(tracked):
     client = _client(project)
     pipeline = client.get_run(info["run_id"])
     assert pipeline.info.status == "FINISHED" and pipeline.info.run_name == "digits-test pipeline"
-    assert pipeline.data.params["distill.lr"] == "0.1" and pipeline.data.params["distill.nfe"] == "[5]"
+    assert pipeline.data.params["distill.lr"] == "0.1" and pipeline.data.params["pipeline.nfe"] == "[5]"
+    assert pipeline.data.params["distill.iterations"] == "1000"   # every key, defaults included
     assert _artifacts(client, info["run_id"]) == {"config.yaml"}
     # Artifacts beside the database, not in the working directory's ./mlruns/<id> default.
     assert pipeline.info.artifact_uri.startswith((project / "mlruns" / "artifacts" / "digits-test").as_uri())
@@ -91,7 +92,8 @@ def test_pipeline_nests_stage_runs_comparable_by_solver(tracked):
     assert all(r.info.status == "FINISHED" for n, r in by_name.items() if n != "sample bad")
 
     teacher = by_name["teacher teacher"].data
-    assert teacher.params["teacher.inserted_steps"] == "3" and teacher.params["seeds"] == "0-31"
+    assert teacher.params["teacher.inserted_steps"] == "3" and teacher.params["teacher.seeds"] == "0-31"
+    assert teacher.params["schedule.name"] == "time_uniform" and teacher.params["backbone.name"] == "gmm-digits"
     assert teacher.metrics["num_samples"] == 32
 
     # The distillation loss curve: every iteration, equal to OUT.loss.csv; table and plot as artifacts.
@@ -109,7 +111,7 @@ def test_pipeline_nests_stage_runs_comparable_by_solver(tracked):
     # Runs of different solvers side by side: the same columns, one row per solver.
     done = client.search_runs([info["experiment_id"]], "tags.stage = 'sample' and attributes.status = 'FINISHED'")
     side = {r.data.tags["solver"]: (r.data.tags["nfe"], r.data.tags["schedule"], r.data.metrics["num_samples"],
-                                    r.data.params["seeds"]) for r in done}
+                                    r.data.params["sample.seeds"]) for r in done}
     assert side == {"epd": ("5", "time_uniform", 8, "0-7"), "dpmpp_2m": ("5", "time_uniform", 8, "0-7")}
     for name in ("sample epd", "sample dpmpp"):
         assert _artifacts(client, by_name[name].info.run_id) == {"grid.png"}
@@ -154,7 +156,6 @@ def test_stage_without_pipeline_uses_env_and_experiment(tracked, monkeypatch):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--parent-run", "nope.json"], "nope.json does not exist"),
     (["--parent-run", "bad.json"], "not a pipeline-run file"),
     (["--parent-run", "run.json", "--experiment", "other"], "differs from the pipeline run's experiment"),
     (["--parent-run", "run.json", "--tracking-uri", "sqlite:///elsewhere.db"], "differs from the pipeline run's store"),
@@ -234,7 +235,7 @@ def test_resumed_distillation_logs_the_whole_loss_curve(tracked):
     project = tracked
     write_teacher(TeacherConfig(num_steps=3, inserted_steps=1, seeds="0-15", batch_size=16), project / "t",
                   progress=False)
-    cfg = DistillConfig(nfe=3, iterations=12, batch_size=8, checkpoint_every=5)
+    cfg = DistillConfig(nfe=3, iterations=12, batch=8, checkpoint_every=5)
     with tracking.stage_run("distill", uri=STORE, run_name="cut") as cut:
         assert distill(project / "t", project / "d", cfg, progress=False, stop_after=7) is None
     with tracking.stage_run("distill", uri=STORE, run_name="resumed") as resumed:
@@ -265,3 +266,65 @@ def test_sigterm_closes_the_run_as_killed(tracked):
     client = _client(tracked)
     (run,) = client.search_runs([client.get_experiment_by_name("epd").experiment_id])
     assert run.info.run_name == "long" and run.info.status == "KILLED"
+
+
+def test_a_finished_or_missing_pipeline_run_is_not_a_parent(tracked):
+    """Stages nest under a pipeline run only while it runs: after it ended (or before any, as under `dvc repro`)
+    they are runs of their own, never children of a stale pipeline run with another config."""
+    project = tracked
+    assert main(["sample", "--seeds", "0-1", "--grid", "--outdir", "a", "--parent-run", "none.json",
+                 "--tracking-uri", STORE, "--no-progress"]) == 0
+    assert main(["pipeline-run", "start", "--out", "run.json", "--tracking-uri", STORE]) == 0
+    assert main(["pipeline-run", "end", "run.json"]) == 0
+    assert main(["sample", "--seeds", "0-1", "--grid", "--outdir", "b", "--parent-run", "run.json",
+                 "--no-progress"]) == 0
+    client = _client(project)
+    runs = client.search_runs([client.get_experiment_by_name("epd").experiment_id], "tags.stage = 'sample'")
+    assert len(runs) == 2 and all("mlflow.parentRunId" not in r.data.tags for r in runs)
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+KILLED_STAGE = textwrap.dedent("""
+    import os, signal, sys
+    from epd import tracking
+    with tracking.stage_run("sample", parent=sys.argv[1], run_name="dies", out="out"):
+        os.kill(os.getpid(), signal.SIGKILL)   # kill -9: nothing closes the run
+""")
+
+
+def test_runs_of_a_killed_pipeline_are_closed_killed_on_the_next_start(tracked):
+    project = tracked
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "OMP_NUM_THREADS": "1"}
+    assert main(["pipeline-run", "start", "--out", "results/x/run.json", "--tracking-uri", STORE]) == 0
+    first = json.loads((project / "results/x/run.json").read_text())
+    proc = subprocess.run([sys.executable, "-c", KILLED_STAGE, "results/x/run.json"], cwd=project, env=env)
+    assert proc.returncode == -9
+    client = _client(project)
+    assert client.get_run(first["run_id"]).info.status == "RUNNING"   # the pipeline died too (never ended)
+    (dead,) = _children(client, first)
+    assert dead.info.status == "RUNNING"
+
+    # The next invocation: the dead pipeline run and its dead stage run end KILLED; a new pipeline run starts.
+    assert main(["pipeline-run", "start", "--out", "results/x/run.json", "--tracking-uri", STORE]) == 0
+    second = json.loads((project / "results/x/run.json").read_text())
+    assert second["run_id"] != first["run_id"]
+    assert client.get_run(first["run_id"]).info.status == "KILLED"
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    assert client.get_run(second["run_id"]).info.status == "RUNNING"
+
+
+def test_a_killed_stage_run_is_closed_when_its_output_is_made_again(tracked):
+    """Without a pipeline run (a stage run by hand, or under DVC): the rerun of the same output closes the run its
+    killed predecessor left RUNNING."""
+    project = tracked
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "OMP_NUM_THREADS": "1",
+           "MLFLOW_TRACKING_URI": STORE}
+    assert subprocess.run([sys.executable, "-c", KILLED_STAGE, "none.json"], cwd=project, env=env).returncode == -9
+    client = _client(project)
+    experiment = client.get_experiment_by_name("epd").experiment_id
+    (dead,) = client.search_runs([experiment])
+    assert dead.info.status == "RUNNING"
+    assert main(["sample", "--seeds", "0-1", "--grid", "--outdir", "out", "--tracking-uri", STORE,
+                 "--no-progress"]) == 0
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    assert sorted(r.info.status for r in client.search_runs([experiment])) == ["FINISHED", "KILLED"]

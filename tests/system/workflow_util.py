@@ -1,16 +1,21 @@
-"""Shared by the pipeline tests (test_workflow, test_slurm, test_dvc): a private copy of the pipeline's files with a
-chosen config as config/config.yaml, and the venv's tools on PATH (the rules call `epd`)."""
+"""Shared by the pipeline tests (test_snakemake, test_slurm, test_dvc): a private copy of the pipeline's files with a
+chosen config as config/config.yaml, the venv's tools on PATH (the rules call `epd`), and a private user config
+folder into which `epd profiles` links the Snakemake profiles, as `.ci/setup` does for the user, so that
+`snakemake --profile default` / `--profile slurm` run verbatim."""
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-TINY = REPO / "tests" / "workflow_tiny.yaml"
+TINY = REPO / "tests" / "system" / "workflow_tiny.yaml"
 PIPELINE_FILES = ("Snakefile", "workflow", "dvc.yaml", "config", "data/prompts")
 
 
@@ -25,11 +30,26 @@ def project_copy(dest: Path, config: Path | None = TINY) -> Path:
     return dest
 
 
-def env(**extra: str) -> dict[str, str]:
-    """The environment of a pipeline run: the venv first on PATH, one thread per job, no ambient MLflow store."""
+@functools.cache
+def config_home() -> str:
+    """A user config folder (``$XDG_CONFIG_HOME``) holding the profiles `epd profiles` links, as for a user."""
+    home = tempfile.mkdtemp(prefix="epd-config-home-")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    subprocess.run([str(BIN / "epd"), "profiles"], env=_base_env(XDG_CONFIG_HOME=home), check=True,
+                   stdout=subprocess.DEVNULL)
+    return home
+
+
+def _base_env(**extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     e.update(PATH=f"{BIN}{os.pathsep}{e.get('PATH', '')}", OMP_NUM_THREADS="1", DVC_NO_ANALYTICS="1", **extra)
     return e
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment of a pipeline run: the venv first on PATH, one thread per job, no ambient MLflow store, the
+    profiles findable by name."""
+    return _base_env(XDG_CONFIG_HOME=config_home(), **extra)
 
 
 def run(cwd: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:

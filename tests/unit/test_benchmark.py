@@ -7,7 +7,6 @@ import torch
 from scipy import linalg
 
 from epd.backbones import Backbone, load_backbone
-from epd.backbones.base import DataPoints
 from epd.benchmark import BenchConfig, cycled_labels, data_targets, main, reference_solution
 from epd.metrics import frechet_distance, gaussian_stats
 from epd.solvers import handset_table, save_table

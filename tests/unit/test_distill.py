@@ -16,7 +16,7 @@ from epd.teacher import TeacherConfig, TeacherError, load_teacher, run_teacher, 
 
 TEACHER = TeacherConfig(schedule="logsnr", num_steps=3, inserted_steps=3, seeds="1000-1255", batch_size=128,
                         shard_size=100)
-SMALL = DistillConfig(nfe=3, iterations=60, batch_size=64, lr=0.05, checkpoint_every=10)
+SMALL = DistillConfig(nfe=3, iterations=60, batch=64, lr=0.05, checkpoint_every=10)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_unet_digits_teacher_and_distill(tmp_path):
     assert write_teacher(cfg, tmp_path / "t", progress=False)
     data = load_teacher(tmp_path / "t", expect={"backbone": "unet-digits"})
     assert data["labels"].tolist() == [j % 10 for j in range(128)]
-    small = DistillConfig(nfe=3, iterations=25, batch_size=32, lr=0.05, checkpoint_every=20)
+    small = DistillConfig(nfe=3, iterations=25, batch=32, lr=0.05, checkpoint_every=20)
     table = distill(tmp_path / "t", tmp_path / "epd", small, expect={"backbone": "unet-digits"}, progress=False)
     assert table.meta.backbone == "unet-digits" and table.meta.schedule == "time_uniform"
     losses = [float(line.split(",")[1]) for line in (tmp_path / "epd.loss.csv").read_text().splitlines()[1:]]

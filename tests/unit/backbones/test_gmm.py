@@ -11,7 +11,6 @@ from scipy.special import logsumexp
 
 from epd import schedules
 from epd.backbones import GMMDigits
-from epd.backbones.gmm import labels_from_prompts
 from epd.solvers import sample_heun
 
 F64 = torch.float64
@@ -230,16 +229,6 @@ def test_labelled_samples_land_on_their_digit(gmm, w):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Prompts, input checks, decoding, noise.
-
-def test_labels_from_prompts():
-    assert labels_from_prompts(["a handwritten 3", "the digit seven", "", "a picture of a cat", "NINE"]).tolist() \
-        == [3, 7, -1, -1, 9]
-    assert labels_from_prompts(["3, I said 3", "seven (7)"]).tolist() == [3, 7]   # one digit named twice is fine
-    with pytest.raises(ValueError):
-        labels_from_prompts(["3 or 4"])
-    with pytest.raises(ValueError):
-        labels_from_prompts(["two or five"])
-
 
 def test_encode(gmm):
     assert gmm.encode() is None

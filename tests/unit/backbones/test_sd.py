@@ -149,7 +149,7 @@ def variant(bb, **options):
 
 def grid(bb, n: int) -> torch.Tensor:
     if isinstance(bb, StableDiffusion3):
-        return schedules.flow_match(n, **bb.schedule_args)
+        return schedules.flow_match(n, **bb.schedule_args("flow_match"))
     return schedules.discrete(n)
 
 
@@ -159,7 +159,7 @@ def test_defaults_and_shapes(backbones):
     sd15, sd3 = backbones["sd15"], backbones["sd3"]
     assert sd15.guidance == 7.5 and sd3.guidance == 4.5
     assert sd15.sigma_min == pytest.approx(0.0292, abs=1e-4) and sd15.sigma_max == pytest.approx(14.6146, abs=1e-4)
-    assert sd3.sigma_max == 1.0 and sd3.schedule_args["shift"] == 3.0
+    assert sd3.sigma_max == 1.0 and sd3.flow_args["shift"] == 3.0
     assert sd3.sigma_min == pytest.approx(float(schedules.flow_match(5, shift=3.0)[-1]))
     assert sd15.shape == (4, RES // 8, RES // 8) and sd3.shape == (16, RES // 8, RES // 8)
     assert sd15.resolution == (RES, RES)
@@ -330,7 +330,7 @@ def test_sd3_euler_equals_pipeline_and_flow_match_step(backbones):
     bb = backbones["sd3"]
     pipe, n = bb.pipe, 4
     pipe.scheduler.set_timesteps(n)
-    sigmas = schedules.append_zero(schedules.flow_match(n, **bb.schedule_args))
+    sigmas = schedules.append_zero(schedules.flow_match(n, **bb.schedule_args("flow_match")))
     torch.testing.assert_close(pipe.scheduler.sigmas.double(), sigmas, rtol=1e-6, atol=0)
     x, cond = bb.noise([0, 1]), bb.encode(prompts=PROMPTS)
     with torch.no_grad():

@@ -224,7 +224,7 @@ def test_train_command_writes_valid_reproducible_files(tmp_path, capsys):
 
 
 def test_sample_command_refuses_missing_weights(tmp_path, capsys):
-    assert cli(["sample", "--backbone", "unet-digits", "--weights", str(tmp_path / "none"), "--seeds", "0-1",
+    assert cli(["sample", "--backbone", "unet-digits", "--weight-file", str(tmp_path / "none"), "--seeds", "0-1",
                 "--outdir", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "weights file missing" in err and "epd train-backbone --what unet" in err

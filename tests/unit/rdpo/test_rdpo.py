@@ -8,7 +8,7 @@ import torch
 
 from epd.backbones import Backbone, load_backbone
 from epd.cli import main
-from epd.rdpo import (Action, DirichletPolicy, PolicyParams, RDPOConfig, log_prob, ppo_loss, rdpo, rloo_advantages,
+from epd.rdpo import (DirichletPolicy, PolicyParams, RDPOConfig, log_prob, ppo_loss, rdpo, rloo_advantages,
                       sample)
 from epd.rdpo.train import ckpt_path
 from epd.rewards import load_reward
@@ -211,12 +211,12 @@ def test_cli_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
     assert main(["rdpo", "--table", DISTILLED, "--out", str(tmp_path / "x"), "--rollout-batch-size", "6",
                  "--no-progress"]) == 2
     assert "multiple of rloo_k" in capsys.readouterr().err
-    # a text-to-image reward gets its scorer's weights through --scorer-weights; a missing file is named
+    # a text-to-image reward gets its scorer's weights through --weights; a missing file is named
     missing = tmp_path / "HPS_v2.1_compressed.pt"
     assert main(["rdpo", "--table", DISTILLED, "--out", str(tmp_path / "x"), "--reward", "hpsv2",
-                 "--scorer-weights", f"hpsv2={missing}", "--no-progress"]) == 2
+                 "--weights", f"hpsv2={missing}", "--no-progress"]) == 2
     assert f"weights file missing: {missing}" in capsys.readouterr().err
-    assert main(["rdpo", "--table", DISTILLED, "--out", str(tmp_path / "x"), "--scorer-weights", "hpsv2",
+    assert main(["rdpo", "--table", DISTILLED, "--out", str(tmp_path / "x"), "--weights", "hpsv2",
                  "--no-progress"]) == 2
-    assert "--scorer-weights takes KEY=PATH" in capsys.readouterr().err
+    assert "--weights takes KEY=PATH" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt"]
