@@ -557,7 +557,7 @@ def test_package_never_unpickles():
     """No code path in epd/ reads a pickle: no pickle.load(s)/Unpickler, torch.load, or pickle-based loaders.
 
     Two audited exceptions for third-party checkpoints: ``torch.load(..., weights_only=True)`` (torch's restricted
-    reader, which runs no code), and ``rewards/t2i/pickled.py``, the inert reader for MPS's whole-model pickle (it
+    reader, which runs no code), and ``pickled.py``, the inert reader for MPS's whole-model pickle (it
     resolves only torch's tensor rebuilders; tests/test_t2i_metrics.py checks that a payload does not run)."""
     root = Path(epd.__file__).parent
     pattern = re.compile(
@@ -567,7 +567,7 @@ def test_package_never_unpickles():
         r"|\bnp\s*\.\s*load\s*\([^)]*allow_pickle\s*=\s*True",
         re.MULTILINE,
     )
-    files = [f for f in sorted(root.rglob("*.py")) if f.relative_to(root).as_posix() != "rewards/t2i/pickled.py"]
+    files = [f for f in sorted(root.rglob("*.py")) if f.relative_to(root).as_posix() != "pickled.py"]
     assert len(files) >= 5
     offenders = [f"{f.relative_to(root)}: {m.group(0)}" for f in files for m in pattern.finditer(f.read_text())]
     assert offenders == []
