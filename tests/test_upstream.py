@@ -223,7 +223,7 @@ def test_flux_table_grid_is_diffusers_dynamic_shift(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    table, prov = import_table(write_snapshot(tmp_path / "flux.pkl", PLUSPLUS_ATTRS["flux"]))
+    table, _ = import_table(write_snapshot(tmp_path / "flux.pkl", PLUSPLUS_ATTRS["flux"]))
     m = table.meta
     assert (m.backbone, m.schedule, m.guidance, m.nfe) == ("flux", "flow_match", 3.5, 16)
     assert m.schedule_args == {"mu": 1.15, "num_train_timesteps": 1000}

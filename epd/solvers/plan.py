@@ -10,9 +10,8 @@ One rule per solver family, so that ``epd sample --nfe`` and the benchmark compa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 
