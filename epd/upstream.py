@@ -19,7 +19,8 @@ the grid they trained on). Grids:
 
 - pixel-space tables: the snapshot's ``t_steps``, stored as the table's own grid (``schedule="explicit"``); their
   float32 ``time_uniform`` grid ends at 0.00201 rather than σ_min = 0.002 (cancellation in exp(x) − 1);
-- SD1.5 (backend ``ldm``): 1000·t − 1 linear from 999 to 0, i.e. ``schedules.discrete(n, spacing="linspace")``;
+- SD1.5 (backend ``ldm``): timesteps linear from 999 to 0, i.e. ``schedules.discrete(n, spacing="linspace")`` (σ
+  interpolated between training steps as diffusers does; upstream's LDM wrapper interpolates log ᾱ, ≤ 1.3·10⁻⁵ apart);
 - SD3: diffusers' flow-matching grid with SD3-Medium's shift 3 (``schedules.flow_match(n, shift=3)``);
 - FLUX.1: the same scheduler with dynamic shifting at the recorded μ (``schedules.flow_match(n, mu=μ)``).
 
