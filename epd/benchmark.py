@@ -39,7 +39,7 @@ from .backbones.base import DataPoints
 from .metrics import frechet_distance, gaussian_stats
 from .metrics.digits import digit_features, fd_digits, label_accuracy, load_digit_classifier
 from .solvers import BASELINES, load_table, sample_dpmpp_3m
-from .solvers.plan import Configured, configure
+from .solvers.plan import Configured, check_table_use, configure
 
 DEFAULT_SOLVERS = [*BASELINES, "epd", "epd_plugin"]
 DEFAULT_SCHEDULES = ["polynomial", "logsnr", "time_uniform"]
@@ -112,7 +112,8 @@ def _cells(cfg: BenchConfig, backbone) -> list[tuple[str, str, int, Configured]]
                 cells.append((solver, schedule, nfe, run))
     for spec in cfg.tables:
         label, path = spec.split("=", 1) if "=" in spec else (None, spec)
-        table = load_table(path, expect={"backbone": backbone.name})
+        table = load_table(path)
+        check_table_use(table, backbone=backbone.name, sigma_max=backbone.sigma_max, source=path)
         label = label or ("distilled-epd-plugin" if table.meta.plugin else "distilled-epd")
         cells.append((label, table.meta.schedule, table.meta.nfe,
                       configure("epd_plugin" if table.meta.plugin else "epd", table=table)))

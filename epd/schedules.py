@@ -4,7 +4,7 @@ Every builder returns a strictly decreasing float64 tensor ``[σ_0 > … > σ_{N
 is built in float64 (as EDM's ``generate.py`` does) because ρ-th powers and logarithms of σ near 0.002 lose digits
 in float32; solvers cast it to the state's dtype. A solver never knows which schedule made its grid.
 
-Flow-matching backbones (SD3) use the same solvers with σ read as the flow time t ∈ (0, 1] (``x_t = (1−t)·x_0 +
+Flow-matching backbones (SD3, FLUX) use the same solvers with σ read as the flow time t ∈ (0, 1] (``x_t = (1−t)·x_0 +
 t·ε``, ``D = x − t·v``); :func:`flow_match` returns that t.
 """
 from __future__ import annotations
@@ -117,14 +117,24 @@ def discrete(
     return (1 - w) * table[lo] + w * table[hi]
 
 
-def flow_match(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """SD3's grid: flow times t uniform in [1, t_min] and then shifted, t' = shift·t / (1 + (shift − 1)·t).
+def flow_match(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000, mu: float | None = None
+               ) -> torch.Tensor:
+    """Flow-matching grids of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps)``, without its
+    trailing 0: flow times t uniform in [t_min, 1], then shifted.
 
-    Matches diffusers' ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)`` without its
-    trailing 0, including its smallest training t (the shifted 1/num_train_timesteps) as t_min.
+    - SD3 (a fixed ``shift``): t' = shift·t / (1 + (shift − 1)·t), with t_min the shifted smallest training t
+      (1/num_train_timesteps), so that end is shifted twice, as in diffusers.
+    - FLUX (``mu``, the resolution-dependent shift of ``use_dynamic_shifting``; FLUX.1 at 1024² has μ = 1.15):
+      t' = e^μ / (e^μ + 1/t − 1), with t_min = 1/num_train_timesteps unshifted; ``shift`` is then unused, as in
+      diffusers. (FluxPipeline itself passes its own t = linspace(1, 1/num_steps) instead.)
     """
     if num_steps < 2:
         raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+    if mu is not None:
+        if not math.isfinite(mu):
+            raise ValueError(f"mu must be finite, got {mu}")
+        t = torch.linspace(1.0, 1.0 / num_train_timesteps, num_steps, dtype=torch.float64)
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
 

@@ -8,12 +8,13 @@ from typing import Any
 
 from ..options import validate
 from .base import Backbone, CallCounter
+from .flux import Flux  # diffusers is imported only when one is built
 from .gmm import GMMDigits
 from .sd import StableDiffusion3, StableDiffusion15  # diffusers is imported only when one is built
 from .unet import UNetDigits
 
 BACKBONES: dict[str, type[Backbone]] = {cls.name: cls for cls in (GMMDigits, UNetDigits, StableDiffusion15,
-                                                                  StableDiffusion3)}
+                                                                  StableDiffusion3, Flux)}
 
 
 def backbone_class(name: str) -> type[Backbone]:
@@ -31,5 +32,5 @@ def load_backbone(name: str, **options: Any) -> Backbone:
     return cls(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)})
 
 
-__all__ = ["BACKBONES", "Backbone", "CallCounter", "GMMDigits", "StableDiffusion15", "StableDiffusion3", "UNetDigits",
+__all__ = ["BACKBONES", "Backbone", "CallCounter", "Flux", "GMMDigits", "StableDiffusion15", "StableDiffusion3", "UNetDigits",
            "backbone_class", "load_backbone"]

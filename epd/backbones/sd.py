@@ -182,7 +182,7 @@ class DiffusersBackbone(Backbone):
         self.max_batch = max_batch
         self.negative_prompt = negative_prompt
         self._uncond: dict[str, torch.Tensor] | None = None
-        self.shape = (self.network.config.in_channels, *self._latent_size(resolution))
+        self.shape = self._state_shape(resolution)
 
     # --- loading -------------------------------------------------------------------------------------------------
 
@@ -231,6 +231,10 @@ class DiffusersBackbone(Backbone):
     def dtype(self) -> torch.dtype:
         return self.network.dtype
 
+    def _state_shape(self, resolution) -> tuple[int, int, int]:
+        """(C, H, W) of the solver state: the network's latents."""
+        return (self.network.config.in_channels, *self._latent_size(resolution))
+
     def _latent_size(self, resolution) -> tuple[int, int]:
         f = self.pipe.vae_scale_factor
         multiple = f * getattr(self.network.config, "patch_size", 1)
@@ -278,18 +282,26 @@ class DiffusersBackbone(Backbone):
 
     # --- the denoiser --------------------------------------------------------------------------------------------
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
-                 cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def _network_cond(self, x: torch.Tensor, sigma: torch.Tensor,
+                      cond: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """Check a call's shapes; the entries of ``cond`` the network reads (None: unconditional)."""
         B = x.shape[0]
         if sigma.shape != (B,):
             raise ValueError(f"sigma must have one value per row, shape ({B},), got {tuple(sigma.shape)}")
-        if cond is None:  # unconditional: the negative prompt for every row, no guidance
-            return self.denoise_rows(x, sigma, self.unconditional(B))
+        if cond is None:
+            return None
         missing = [k for k in self.cond_keys if k not in cond]
         if missing or any(v.shape[0] != B for v in cond.values()):
             raise ValueError(f"{self.name}: cond must be encode(prompts=...) for the same {B} rows (keys "
                              f"{list(self.cond_keys)}), got { {k: tuple(v.shape) for k, v in cond.items()} }")
-        c = {k: cond[k] for k in self.cond_keys}
+        return {k: cond[k] for k in self.cond_keys}
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
+                 cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        B = x.shape[0]
+        c = self._network_cond(x, sigma, cond)
+        if c is None:  # unconditional: the negative prompt for every row, no guidance
+            return self.denoise_rows(x, sigma, self.unconditional(B))
         if self.guidance == 1.0:
             return self.denoise_rows(x, sigma, c)
         u = ({k: cond[f"negative_{k}"] for k in self.cond_keys} if f"negative_{self.cond_keys[0]}" in cond

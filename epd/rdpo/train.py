@@ -32,6 +32,7 @@ from ..io import atomic_write, load_optimizer, optimizer_tensors, weight_paths
 from ..options import Field
 from ..rewards import REWARDS, Reward
 from ..solvers import SolverTable, load_table, sample_epd, save_table
+from ..solvers.plan import check_table_use
 from .policy import Action, DirichletPolicy, entropy, kl_divergence, log_prob, sample
 from .ppo import GROUPINGS, ppo_loss, rloo_advantages
 
@@ -219,8 +220,7 @@ def rdpo(start_table: str | Path, out: str | Path, cfg: RDPOConfig, *, backbone:
     """
     out, start_table = Path(out), Path(start_table)
     start = load_table(start_table)
-    if start.meta.backbone not in ("", backbone.name):
-        raise ValueError(f"{start_table} was made for backbone {start.meta.backbone!r}, not {backbone.name!r}")
+    check_table_use(start, backbone=backbone.name, sigma_max=backbone.sigma_max, source=str(start_table))
     if not prompts:
         raise ValueError("rdpo needs at least one training prompt")
     backbone.encode(prompts=list(prompts))  # refuses bad prompts (e.g. naming two digits) before anything is written

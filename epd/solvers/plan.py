@@ -10,13 +10,14 @@ One rule per solver family, so that ``epd sample --nfe`` and the benchmark compa
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .. import schedules
 from .registry import SOLVERS, nfe as count_nfe, solver as lookup
-from .table import SolverTable, handset_table
+from .table import EXPLICIT, SolverTable, TableError, handset_table
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,39 @@ class Configured:
         return fn(denoiser, x, self.sigmas, cond=cond, callback=callback, afs=self.afs)
 
 
+def check_table_use(table: SolverTable, *, backbone: str | None = None, sigma_max: float | None = None,
+                    schedule: str | None = None, source: str = "the table") -> None:
+    """Refuse a table where it does not fit, with a :class:`TableError` that names the mismatch.
+
+    ``backbone``: the table's backbone must be this one, or empty (a table made for no particular backbone, e.g.
+    imported from the EPD authors' pixel-space tables, fits any backbone of its σ range). ``sigma_max``: the
+    backbone's σ_max, where samples start (σ_max·ε); the table's grid must start there too. ``schedule``: a schedule
+    the user asked for explicitly (None: not asked). A table fixes its grid, so the request must name the table's
+    own schedule; a table with its own grid (schedule "explicit") refuses any named schedule.
+    """
+    m = table.meta
+    if backbone is not None and m.backbone not in ("", backbone):
+        raise TableError(f"{source} was made for backbone {m.backbone!r}, not {backbone!r}")
+    if sigma_max is not None:
+        start = float(m.sigmas()[0])
+        if not math.isclose(start, sigma_max, rel_tol=1e-6):
+            raise TableError(f"{source}'s grid starts at sigma={start:g}, but the backbone's samples start at "
+                             f"sigma_max={sigma_max:g}: the table is for another noise range")
+    if schedule is not None and schedule != m.schedule:
+        if m.grid is not None:
+            raise TableError(f"{source} carries its own grid (schedule {EXPLICIT!r}) and ignores the schedule "
+                             f"options; asked for schedule {schedule!r}: leave the schedule unset")
+        raise TableError(f"{source} was made on schedule {m.schedule!r}, which fixes its grid; asked for "
+                         f"schedule {schedule!r}")
+
+
 def configure(solver: str, nfe: int | None = None, *, schedule: str = "polynomial", sigma_min: float = 0.002,
               sigma_max: float = 80.0, rho: float = 7.0, table: SolverTable | None = None,
               num_points: int = 2, schedule_args: dict | None = None, **table_meta) -> Configured:
     """Bind a solver to a grid. ``solver`` is a baseline name, ``"epd"`` or ``"epd_plugin"``.
 
-    EPD takes ``table`` (its metadata fixes grid and NFE) or, without one, a hand-set table of ``num_points``
+    EPD takes ``table`` (its metadata fixes grid and NFE, and the schedule options are unused: see
+    :func:`check_table_use` to refuse a conflicting request) or, without one, a hand-set table of ``num_points``
     built for ``nfe`` on the given schedule.
     """
     schedule_args = schedule_args or {}
@@ -100,10 +128,9 @@ def configure(solver: str, nfe: int | None = None, *, schedule: str = "polynomia
 def configure_for(backbone, solver: str, nfe: int | None = None, *, table: SolverTable | None = None,
                   schedule: str = "polynomial", rho: float = 7.0, num_points: int = 2) -> Configured:
     """:func:`configure` on ``backbone``'s own grid: the schedule's σ range and arguments come from the backbone
-    (and a schedule it cannot run on is refused); a table must have been made for this backbone (or for any)."""
+    (and a schedule it cannot run on is refused); a table must fit the backbone (:func:`check_table_use`)."""
     if table is not None:
-        if table.meta.backbone not in ("", backbone.name):
-            raise ValueError(f"the table was made for backbone {table.meta.backbone!r}, not {backbone.name!r}")
+        check_table_use(table, backbone=backbone.name, sigma_max=backbone.sigma_max)
         return configure("epd_plugin" if table.meta.plugin else "epd", nfe, table=table)
     return configure(solver, nfe, schedule=schedule, rho=rho, num_points=num_points, backbone=backbone.name,
                      **backbone.grid_args(schedule))

@@ -241,7 +241,8 @@ def _refuse_pickle(path: Path, head: bytes) -> None:
     if looks_like_pickle(path, head):
         raise TableError(
             f"{path} looks like a pickle (torch.save / pickle.dump) file. epd never unpickles: loading a pickle runs "
-            "arbitrary code. Tables are NAME.safetensors + NAME.json; re-export the table with epd.solvers.save_table."
+            "arbitrary code. Tables are NAME.safetensors + NAME.json; re-export the table with epd.solvers.save_table "
+            "(a snapshot of the EPD authors' code is converted with epd.upstream.write_imported_table)."
         )
 
 

@@ -200,6 +200,28 @@ def test_flow_match_matches_diffusers(shift, num_steps):
     assert max_rel(flow_match(num_steps, shift=shift), scheduler.sigmas[:-1]) < FLOAT32_REL
 
 
+# FLUX.1-dev's scheduler_config.json: dynamic (resolution-dependent) shifting; its shift 3.0 is then unused.
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                      max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+@pytest.mark.parametrize("num_steps", [2, 3, 9, 28, 50])
+@pytest.mark.parametrize("mu", [1.15, 0.5, 0.0])
+def test_flow_match_mu_matches_diffusers_flux_scheduler(mu, num_steps):
+    """flow_match(n, mu=μ) == FLUX's FlowMatchEulerDiscreteScheduler.set_timesteps(n, mu=μ).sigmas[:-1]: t from 1 to
+    1/1000 (the scheduler's unshifted range), then t' = e^μ / (e^μ + 1/t − 1)."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    scheduler.set_timesteps(num_steps, mu=mu)
+    assert scheduler.sigmas[-1] == 0
+    ours = flow_match(num_steps, mu=mu)
+    assert max_rel(ours, scheduler.sigmas[:-1]) < FLOAT32_REL
+    t = np.linspace(1.0, 1e-3, num_steps)
+    np.testing.assert_allclose(ours.numpy(), np.exp(mu) / (np.exp(mu) + 1 / t - 1), rtol=1e-12)
+    assert torch.equal(flow_match(num_steps, shift=7.0, mu=mu), ours)       # shift is unused with mu
+    assert torch.equal(get_sigmas("flow_match", num_steps, mu=mu), ours)
+
+
 # --- time_uniform against the VP-SDE formula -------------------------------------------------------------------
 
 BETA_D, BETA_MIN = 19.9, 0.1
@@ -265,6 +287,7 @@ def test_append_zero():
     (lambda: discrete(1), "num_steps"),
     (lambda: discrete(1001), "num_steps"),
     (lambda: flow_match(1), "num_steps"),
+    (lambda: flow_match(5, mu=float("nan")), "mu"),
     (lambda: get_sigmas("polynomial", 1), "num_steps"),
     (lambda: polynomial(10, sigma_min=80.0, sigma_max=80.0), "sigma_min"),
     (lambda: polynomial(10, sigma_min=1.0, sigma_max=0.5), "sigma_min"),

@@ -13,7 +13,7 @@ CLIP-H (transformers) with condition-aware cross-attention, as in the release's 
   feature is the first (CLS) token. Score = exp(logit_scale) · cos(image feature, t), ≈ the PickScore scale.
 
 Weights: the release's ``MPS_overall_checkpoint.pth`` is a whole pickled model (``torch.save(model)``), which
-``torch.load(weights_only=True)`` refuses. It is read with :func:`~.pickled.pickled_module_state_dict`, which
+``torch.load(weights_only=True)`` refuses. It is read with :func:`epd.pickled.pickled_module_state_dict`, which
 executes nothing from the file: every class the pickle names becomes an inert stand-in that only records its
 state, and the tensors are rebuilt from the archive's storages. A state dict (.pt/.pth, or .safetensors) with the
 same keys loads directly. The architecture config, processor and tokenizer come from the CLIP-H folder
@@ -28,8 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...io import load_checkpoint, require
+from ...pickled import pickled_module_state_dict
 from .common import Scorer, load_clip_processor, load_strict
-from .pickled import pickled_module_state_dict
 
 SOURCE = "MPS_overall_checkpoint.pth from https://github.com/Kwai-Kolors/MPS (its README's Google Drive link)"
 PROCESSOR_SOURCE = ("config.json, preprocessor_config.json and tokenizer files of "

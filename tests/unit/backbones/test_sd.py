@@ -13,12 +13,10 @@ while a timestep one training step off gives 1e-2 (SD1.5) and t·999 instead of 
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from clip_bytes import bytes_to_unicode
+from tiny_diffusers import clip_config, clip_tokenizer, t5_tokenizer, tiny_vae
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -43,45 +41,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- tiny pipelines ------------------------------------------------------------------------------------------------
 
-def clip_tokenizer(folder):
-    """A byte-level BPE CLIPTokenizer: every byte, every byte ending a word, two merges ("th", "the</w>")."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True)
-    chars = bytes_to_unicode()
-    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars), "th", "the</w>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
-
-
-def t5_tokenizer():
-    """A unigram T5 tokenizer over lower-case letters (pad 0, eos 1, unk 2), no sentinel tokens."""
-    from transformers import T5TokenizerFast
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(c, -3.0) for c in letters] + [("▁" + c, -3.5) for c in letters]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0)
-
-
-def clip_config(vocab_size: int):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                          num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab_size,
-                          max_position_embeddings=77, projection_dim=32)
-
-
-def tiny_vae(latent_channels: int, **kw):
-    """Four levels, so latents are 8× smaller than images, as in SD."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(block_out_channels=[4, 4, 4, 4], in_channels=3, out_channels=3,
-                         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                         latent_channels=latent_channels, norm_num_groups=2, layers_per_block=1, sample_size=RES, **kw)
-
-
 def build_sd15(folder, tok_folder):
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -95,7 +54,7 @@ def build_sd15(folder, tok_folder):
     # SD1.5's scheduler_config.json (PNDM, scaled-linear betas, leading spacing with offset 1).
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(vae=tiny_vae(4), text_encoder=CLIPTextModel(clip_config(len(tok))), tokenizer=tok,
+    pipe = StableDiffusionPipeline(vae=tiny_vae(4, RES), text_encoder=CLIPTextModel(clip_config(len(tok))), tokenizer=tok,
                                    unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder)
@@ -114,7 +73,7 @@ def build_sd3(folder, tok_folder):
                                         caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # SD3-Medium's shift
-        vae=tiny_vae(16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
+        vae=tiny_vae(16, RES, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
         text_encoder=CLIPTextModelWithProjection(clip_config(len(tok))), tokenizer=tok,
         text_encoder_2=CLIPTextModelWithProjection(clip_config(len(tok))), tokenizer_2=tok,
         text_encoder_3=t5, tokenizer_3=t5_tokenizer())

@@ -557,7 +557,7 @@ def test_package_never_unpickles():
     """No code path in epd/ reads a pickle: no pickle.load(s)/Unpickler, torch.load, or pickle-based loaders.
 
     Two audited exceptions for third-party checkpoints: ``torch.load(..., weights_only=True)`` (torch's restricted
-    reader, which runs no code), and ``rewards/t2i/pickled.py``, the inert reader for MPS's whole-model pickle (it
+    reader, which runs no code), and ``pickled.py``, the inert reader for MPS's whole-model pickle (it
     resolves only torch's tensor rebuilders; tests/test_t2i_metrics.py checks that a payload does not run)."""
     root = Path(epd.__file__).parent
     pattern = re.compile(
@@ -567,7 +567,7 @@ def test_package_never_unpickles():
         r"|\bnp\s*\.\s*load\s*\([^)]*allow_pickle\s*=\s*True",
         re.MULTILINE,
     )
-    files = [f for f in sorted(root.rglob("*.py")) if f.relative_to(root).as_posix() != "rewards/t2i/pickled.py"]
+    files = [f for f in sorted(root.rglob("*.py")) if f.relative_to(root).as_posix() != "pickled.py"]
     assert len(files) >= 5
     offenders = [f"{f.relative_to(root)}: {m.group(0)}" for f in files for m in pattern.finditer(f.read_text())]
     assert offenders == []
@@ -621,3 +621,23 @@ def test_handset_plugin_and_meta_pass_through(tmp_path):
 def test_handset_refuses_too_short_a_grid():
     with pytest.raises(TableError, match="need num_steps >= 2"):
         handset_table(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------- where a table is used
+def test_check_table_use_names_each_mismatch():
+    from epd.solvers.plan import check_table_use
+
+    named = handset_table(4, 2, schedule="logsnr", backbone="gmm-digits")
+    check_table_use(named, backbone="gmm-digits", sigma_max=80.0, schedule="logsnr")
+    check_table_use(named)                                     # nothing asked, nothing to refuse
+    with pytest.raises(TableError, match=r"t\.json was made for backbone 'gmm-digits', not 'sd3'"):
+        check_table_use(named, backbone="sd3", source="t.json")
+    with pytest.raises(TableError, match=r"made on schedule 'logsnr', which fixes its grid; asked for schedule 'polynomial'"):
+        check_table_use(named, schedule="polynomial")
+    with pytest.raises(TableError, match=r"grid starts at sigma=80, but the backbone's samples start at sigma_max=14.6"):
+        check_table_use(named, sigma_max=14.6)
+    own = handset_table(3, 2, schedule="explicit", grid=[80.0, 1.0, 0.002], sigma_max=80.0, sigma_min=0.002)
+    check_table_use(own, backbone="unet-digits", sigma_max=80.0, schedule="explicit")   # no backbone: fits any
+    with pytest.raises(TableError, match=r"carries its own grid \(schedule 'explicit'\) and ignores the schedule "
+                                         r"options; asked for schedule 'time_uniform'"):
+        check_table_use(own, schedule="time_uniform")
