@@ -37,6 +37,19 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (safetensors reads it only from a file): the format is an 8-byte
+    little-endian header length, then the JSON header."""
+    n = int.from_bytes(blob[:8], "little")
+    try:
+        header = json.loads(blob[8:8 + n]) if len(blob) >= 8 + n else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError("not safetensors bytes: the header is truncated or not a JSON object")
+    return header.get("__metadata__") or {}
+
+
 def looks_like_pickle(path: Path, head: bytes) -> bool:
     """A pickle stream (protocol ≥ 2 starts with 0x80), a torch.save zip, or a pickle suffix."""
     return head[:1] == b"\x80" or head[:4] == b"PK\x03\x04" or path.suffix in PICKLE_SUFFIXES
