@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from . import distributed
 from .backbones import Backbone
 from .solvers.plan import Configured
 
@@ -124,6 +125,51 @@ def write_manifest(outdir: Path, seeds: Sequence[int], *, labels: Sequence[int] 
         w.writerow([seed, label, prompt, png_path(seed, subdirs)])
     outdir.mkdir(parents=True, exist_ok=True)
     atomic_write(outdir / "samples.csv", buf.getvalue().encode())
+    return outdir / "samples.csv"
+
+
+def sample_folder(backbone: Backbone, solver: Configured, seeds: Sequence[int], outdir: str | os.PathLike, *,
+                  labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None, batch_size: int = 64,
+                  subdirs: bool = True, progress: bool = True) -> Path:
+    """Write a sample folder: one PNG per seed (:func:`png_path`) and ``samples.csv`` (:func:`write_manifest`),
+    labels / prompts cycled over the seeds as :func:`generate` does; returns the manifest's path.
+
+    Under ``torchrun --nproc-per-node N`` the batches one process would form (``batch_size`` consecutive seeds) go
+    round-robin to the N processes, each writing its PNGs; rank 0 writes ``samples.csv`` once every PNG exists, so
+    a folder with a manifest is complete. Each image is computed in the same batch as in one process, so the files
+    are the same bytes for any N. Every rank returns once the folder is complete.
+    """
+    outdir = Path(outdir)
+    if labels is not None and prompts is not None:
+        raise ValueError("give labels or prompts, not both")
+    conds = labels if labels is not None else prompts
+    if conds is not None and len(conds) == 0:
+        raise ValueError("empty label/prompt list")
+    if not seeds:
+        raise ValueError("no seeds to sample")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    seen: set[int] = set()
+    for seed in seeds:
+        if seed in seen:   # two rows for one PNG, which two processes might write at once
+            raise ValueError(f"seed {seed} appears more than once: each seed names one PNG")
+        seen.add(seed)
+    with distributed.session():
+        rank, ranks = distributed.rank(), distributed.world_size()
+        starts = range(rank * batch_size, len(seeds), ranks * batch_size)   # this rank's batches
+        mine = [i for start in starts for i in range(start, min(start + batch_size, len(seeds)))]
+        # each seed's own label / prompt, so that generate's cycling (by position in its list) is the identity
+        picked = None if conds is None else [conds[i % len(conds)] for i in mine]
+        if mine:
+            for batch_seeds, images in generate(
+                    backbone, solver, [seeds[i] for i in mine], labels=picked if labels is not None else None,
+                    prompts=picked if prompts is not None else None, batch_size=batch_size,
+                    progress=progress and rank == 0):
+                save_pngs(images, batch_seeds, outdir, subdirs=subdirs)
+        distributed.barrier()
+        if rank == 0:
+            write_manifest(outdir, seeds, labels=labels, prompts=prompts, subdirs=subdirs)
+        distributed.barrier()
     return outdir / "samples.csv"
 
 
