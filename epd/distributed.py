@@ -1,9 +1,12 @@
 """Several processes on torch.distributed, as ``torchrun --nproc-per-node N`` launches them.
 
-torchrun gives each process RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. :func:`session` joins the
-process group they describe (gloo on the CPU; nccl with this process on cuda:LOCAL_RANK when there is CUDA) and
-leaves it again, also when the body raises. Without torchrun (or with one process) nothing is initialised:
-:func:`rank` is 0, :func:`world_size` 1, and the collectives hand back their input.
+torchrun gives each process RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. :func:`init` joins the
+process group they describe (gloo on the CPU; nccl with this process on cuda:LOCAL_RANK when there is CUDA); the
+library's multi-process functions call it themselves. A program wraps its work in :func:`session`, which leaves the
+group when the work ends or raises (else the group is left at exit). A process joins the group once: torch's
+env:// rendezvous cannot be repeated after leaving (a second group finds the first one's addresses and hangs), so
+:func:`init` refuses that. Without torchrun (or with one process) nothing is initialised: :func:`rank` is 0,
+:func:`world_size` 1, and the collectives hand back their input.
 
 The collectives take CPU or CUDA tensors and return them on the device they came from (nccl only moves CUDA
 tensors, so CPU ones travel through the process's GPU). Objects are never pickled across ranks: bytes travel as
@@ -11,6 +14,7 @@ uint8 tensors (:func:`broadcast_bytes`).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from typing import Iterator, Sequence
@@ -20,6 +24,7 @@ import torch.distributed as dist
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _owned = False   # whether this module initialised the process group (and so destroys it)
+_left = False    # whether it has destroyed it already
 
 
 def launched() -> bool:
@@ -32,13 +37,19 @@ def is_initialized() -> bool:
 
 
 def rank() -> int:
-    """This process's rank, 0 … world_size() − 1 (0 in a single process)."""
-    return dist.get_rank() if is_initialized() else 0
+    """This process's rank, 0 … world_size() − 1: the group's, else torchrun's RANK (so that rank 0 is known before
+    the group is joined and after it is left); 0 in a single process."""
+    if is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def world_size() -> int:
-    """The number of processes (1 in a single process)."""
-    return dist.get_world_size() if is_initialized() else 1
+    """The number of processes: the group's, else torchrun's WORLD_SIZE; 1 in a single process. (Collectives with
+    more than one process need the group: outside it they fail instead of silently doing nothing.)"""
+    if is_initialized():
+        return dist.get_world_size()
+    return int(os.environ["WORLD_SIZE"]) if launched() else 1
 
 
 def is_main() -> bool:
@@ -48,7 +59,7 @@ def is_main() -> bool:
 
 def local_rank() -> int:
     """This process's index on its node (torchrun's LOCAL_RANK; 0 in a single process)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) if is_initialized() else 0
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_initialized() or launched() else 0
 
 
 def device() -> torch.device:
@@ -60,13 +71,17 @@ def init() -> bool:
     """Join the process group torchrun's environment describes; True if this process is one of several.
 
     Does nothing (False) without torchrun or with WORLD_SIZE 1, and nothing but return True when a process group
-    exists already (whoever made it keeps it). A group made here is destroyed by :func:`shutdown`.
+    exists already (whoever made it keeps it). A group made here is destroyed by :func:`shutdown`, at the latest
+    when the interpreter exits.
     """
     global _owned
     if is_initialized():
         return world_size() > 1
     if not launched():
         return False
+    if _left:
+        raise ValueError("this process has left its torchrun process group already and cannot join it again: "
+                         "initialise once (wrap the whole program in epd.distributed.session())")
     missing = [k for k in _TORCHRUN_VARS if k not in os.environ]
     if missing:
         raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} unset: launch the "
@@ -81,22 +96,24 @@ def init() -> bool:
     dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
                             device_id=torch.device("cuda", local) if cuda else None)
     _owned = True
+    atexit.register(shutdown)
     return True
 
 
 def shutdown() -> None:
-    """Destroy the process group :func:`init` made (no-op otherwise)."""
-    global _owned
+    """Destroy the process group :func:`init` made (no-op otherwise, and when called again)."""
+    global _owned, _left
     if _owned and is_initialized():
         dist.destroy_process_group()
+        _left = True
     _owned = False
 
 
 @contextlib.contextmanager
 def session() -> Iterator[bool]:
     """``with session() as several:`` the body runs inside the torchrun process group (``several`` is True) or in a
-    single process (False). Re-entrant: only the outermost session that initialised the group destroys it, on
-    success and on error alike (a failing rank then releases the others instead of leaving them to time out)."""
+    single process (False). The session that initialised the group destroys it, on success and on error alike (a
+    failing rank then releases the others instead of leaving them to time out); a nested one leaves it alone."""
     made = not is_initialized() and init()
     try:
         yield world_size() > 1

@@ -137,7 +137,8 @@ def sample_folder(backbone: Backbone, solver: Configured, seeds: Sequence[int], 
     Under ``torchrun --nproc-per-node N`` the batches one process would form (``batch_size`` consecutive seeds) go
     round-robin to the N processes, each writing its PNGs; rank 0 writes ``samples.csv`` once every PNG exists, so
     a folder with a manifest is complete. Each image is computed in the same batch as in one process, so the files
-    are the same bytes for any N. Every rank returns once the folder is complete.
+    are the same bytes for any N. The process group is joined if it is not yet (:func:`epd.distributed.init`);
+    every rank returns once the folder is complete.
     """
     outdir = Path(outdir)
     if labels is not None and prompts is not None:
@@ -154,22 +155,22 @@ def sample_folder(backbone: Backbone, solver: Configured, seeds: Sequence[int], 
         if seed in seen:   # two rows for one PNG, which two processes might write at once
             raise ValueError(f"seed {seed} appears more than once: each seed names one PNG")
         seen.add(seed)
-    with distributed.session():
-        rank, ranks = distributed.rank(), distributed.world_size()
-        starts = range(rank * batch_size, len(seeds), ranks * batch_size)   # this rank's batches
-        mine = [i for start in starts for i in range(start, min(start + batch_size, len(seeds)))]
-        # each seed's own label / prompt, so that generate's cycling (by position in its list) is the identity
-        picked = None if conds is None else [conds[i % len(conds)] for i in mine]
-        if mine:
-            for batch_seeds, images in generate(
-                    backbone, solver, [seeds[i] for i in mine], labels=picked if labels is not None else None,
-                    prompts=picked if prompts is not None else None, batch_size=batch_size,
-                    progress=progress and rank == 0):
-                save_pngs(images, batch_seeds, outdir, subdirs=subdirs)
-        distributed.barrier()
-        if rank == 0:
-            write_manifest(outdir, seeds, labels=labels, prompts=prompts, subdirs=subdirs)
-        distributed.barrier()
+    distributed.init()
+    rank, ranks = distributed.rank(), distributed.world_size()
+    starts = range(rank * batch_size, len(seeds), ranks * batch_size)   # this rank's batches
+    mine = [i for start in starts for i in range(start, min(start + batch_size, len(seeds)))]
+    # each seed's own label / prompt, so that generate's cycling (by position in its list) is the identity
+    picked = None if conds is None else [conds[i % len(conds)] for i in mine]
+    if mine:
+        for batch_seeds, images in generate(
+                backbone, solver, [seeds[i] for i in mine], labels=picked if labels is not None else None,
+                prompts=picked if prompts is not None else None, batch_size=batch_size,
+                progress=progress and rank == 0):
+            save_pngs(images, batch_seeds, outdir, subdirs=subdirs)
+    distributed.barrier()
+    if rank == 0:
+        write_manifest(outdir, seeds, labels=labels, prompts=prompts, subdirs=subdirs)
+    distributed.barrier()
     return outdir / "samples.csv"
 
 

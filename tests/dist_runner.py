@@ -1,9 +1,11 @@
 """Runs test tasks (RDPO runs, sample folders) under torchrun for tests/test_distributed.py, and in the test process
 itself for the single-process references: ``torchrun --nproc-per-node 2 --standalone tests/dist_runner.py SPEC``.
 
-SPEC is a JSON file ``{"root": folder, "tasks": [...]}``. Each rank prints one line ``DIST-RUNNER {json}`` at the
-end: its rank, the world size, the paths under ``root`` it opened for writing, created or renamed (an audit hook
-records them), and the messages of the ValueErrors of tasks that expected one.
+SPEC is a JSON file ``{"root": folder, "tasks": [...], "raise_at_end"?: bool}``; the tasks run in one
+``epd.distributed.session()``. Each rank prints one line ``DIST-RUNNER {json}`` at the end: its rank, the world
+size, the paths under ``root`` it opened for writing, created or renamed (an audit hook records them), the messages
+of the ValueErrors of tasks that expected one, whether the session left the process group (``group_left``), and
+what joining it again said (``rejoin``).
 """
 from __future__ import annotations
 
@@ -85,19 +87,30 @@ def main(spec_path: str) -> None:
     torch.set_num_threads(1)
     spec = json.loads(Path(spec_path).read_text())
     writes = _writes(Path(spec["root"]))
-    errors = []
-    with distributed.session():
-        for task in spec["tasks"]:
-            if task.get("expect_error"):
-                try:
-                    run_task(task)
-                except ValueError as e:
-                    errors.append(str(e))
+    errors: list[str] = []
+    report = {"writes": writes, "errors": errors}
+    try:
+        with distributed.session():
+            report.update(rank=distributed.rank(), world=distributed.world_size())
+            for task in spec["tasks"]:
+                if task.get("expect_error"):
+                    try:
+                        run_task(task)
+                    except ValueError as e:
+                        errors.append(str(e))
+                    else:
+                        errors.append("no error")
                 else:
-                    errors.append("no error")
-            else:
-                run_task(task)
-        report = {"rank": distributed.rank(), "world": distributed.world_size(), "writes": writes, "errors": errors}
+                    run_task(task)
+            if spec.get("raise_at_end"):
+                raise RuntimeError("deliberate")
+    except RuntimeError as e:
+        report["raised"] = str(e)
+    report["group_left"] = not distributed.is_initialized()   # the session left the group, also on error
+    try:
+        distributed.init()
+    except ValueError as e:
+        report["rejoin"] = str(e)
     print(PREFIX + json.dumps(report), flush=True)
 
 

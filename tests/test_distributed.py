@@ -68,7 +68,7 @@ def launched(tmp_path_factory):
     tasks.append({"kind": "rdpo", "out": str(root / "cut" / "rd"), "cfg": CONFIGS["plain"], "stop_after": 3})
     tasks.append({"kind": "rdpo", "out": str(root / "refused" / "rd"), "cfg": REFUSED, "expect_error": True})
     tasks += [{"kind": "sample", "outdir": str(root / f"s-{name}"), **task} for name, task in SAMPLES.items()]
-    reports = torchrun({"root": str(root), "tasks": tasks}, root)
+    reports = torchrun({"root": str(root), "tasks": tasks, "raise_at_end": True}, root)
     return root, reports
 
 
@@ -160,6 +160,13 @@ def test_two_processes_write_the_same_sample_files(launched, gmm, tmp_path):
         assert len(pngs) == {"prompts": 4, "labels": 1 * 3, "idle": 0}[name], (name, pngs)   # the second batch
 
 
+def test_the_session_leaves_the_group_also_on_error_and_refuses_to_rejoin(launched):
+    _, reports = launched
+    for r in reports:
+        assert r["raised"] == "deliberate" and r["group_left"]
+        assert "cannot join it again" in r["rejoin"]
+
+
 def test_a_rollout_batch_that_does_not_split_is_refused_on_every_rank(launched):
     _, reports = launched
     for r in reports:
@@ -170,7 +177,7 @@ def test_a_rollout_batch_that_does_not_split_is_refused_on_every_rank(launched):
 
 # -- single-process pieces ------------------------------------------------------------------------------------------
 
-def test_without_torchrun_nothing_is_initialised(monkeypatch):
+def test_without_torchrun_nothing_is_initialised_and_collectives_are_identities(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     with distributed.session() as several:
@@ -182,6 +189,10 @@ def test_without_torchrun_nothing_is_initialised(monkeypatch):
         distributed.barrier()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
+    # launched but not (yet) in the group: the rank is torchrun's, and collectives fail rather than do nothing
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (1, 2, False)
+    with pytest.raises(ValueError, match="not been initialized"):
+        distributed.all_gather(torch.arange(3.0))
     with pytest.raises(ValueError, match="LOCAL_RANK, MASTER_ADDR, MASTER_PORT unset: launch the processes with"):
         distributed.init()
     assert not distributed.is_initialized()

@@ -245,13 +245,13 @@ def rdpo(start_table: str | Path, out: str | Path, cfg: RDPOConfig, *, backbone:
     ``steps`` continues). ``stop_after`` ends the run after that many steps, as an interruption would (returns None).
 
     Under torchrun (see the module docstring) every rank calls this with the same arguments and gets the same
-    table; the rollout batch must split evenly over the processes (:meth:`RDPOConfig.check_world_size`). Returns
-    once the outputs are written.
+    table; the process group is joined if it is not yet (:func:`epd.distributed.init`), and the rollout batch must
+    split evenly over the processes (:meth:`RDPOConfig.check_world_size`). Returns once the outputs are written.
     """
-    with distributed.session():
-        cfg.check_world_size(distributed.world_size())
-        return _rdpo(Path(start_table), Path(out), cfg, backbone=backbone, reward=reward, prompts=prompts,
-                     backbone_options=backbone_options, progress=progress, stop_after=stop_after)
+    distributed.init()
+    cfg.check_world_size(distributed.world_size())
+    return _rdpo(Path(start_table), Path(out), cfg, backbone=backbone, reward=reward, prompts=prompts,
+                 backbone_options=backbone_options, progress=progress, stop_after=stop_after)
 
 
 def _rdpo(start_table: Path, out: Path, cfg: RDPOConfig, *, backbone: Backbone, reward: Reward, prompts: list[str],
