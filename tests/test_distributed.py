@@ -61,8 +61,8 @@ def torchrun(spec: dict, folder: Path, nproc: int = 2, timeout: float = 600) -> 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """One 2-process launch: both RDPO configs, the plain one cut after 3 steps, a batch that does not split, and
-    the sample folders."""
+    """One 2-process launch: both RDPO configs, the plain one cut after 3 steps, a batch that does not split, the
+    sample folders, and an error raised in the session at the end."""
     root = tmp_path_factory.mktemp("two_ranks")
     tasks = [{"kind": "rdpo", "out": str(root / name / "rd"), "cfg": cfg} for name, cfg in CONFIGS.items()]
     tasks.append({"kind": "rdpo", "out": str(root / "cut" / "rd"), "cfg": CONFIGS["plain"], "stop_after": 3})
@@ -157,7 +157,7 @@ def test_two_processes_write_the_same_sample_files(launched, gmm, tmp_path):
         assert all(one[k] == two[k] for k in one), [str(k) for k in one if one[k] != two[k]]
         assert manifest.read_text().count("\n") == len(task["seeds"]) + 1
         pngs = [w for w in rank1["writes"] if w.startswith(f"s-{name}/") and w.endswith(".png")]
-        assert len(pngs) == {"prompts": 4, "labels": 1 * 3, "idle": 0}[name], (name, pngs)   # the second batch
+        assert len(pngs) == {"prompts": 4, "labels": 3, "idle": 0}[name], (name, pngs)   # the second batch
 
 
 def test_the_session_leaves_the_group_also_on_error_and_refuses_to_rejoin(launched):
@@ -241,8 +241,8 @@ def test_sample_folder_refuses_bad_input_before_writing(gmm, tmp_path):
 def test_a_tracked_two_process_run_is_one_mlflow_run(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    reports = torchrun({"root": str(tmp_path), "tasks": [{"kind": "track", "uri": uri, "out": str(tmp_path / "rd" / "rd"),
-                                                          "cfg": CONFIGS["plain"]}]}, tmp_path)
+    task = {"kind": "track", "uri": uri, "out": str(tmp_path / "rd" / "rd"), "cfg": CONFIGS["plain"]}
+    reports = torchrun({"root": str(tmp_path), "tasks": [task]}, tmp_path)
     assert [r["world"] for r in reports] == [2, 2]
     assert not any("mlruns" in w for w in reports[1]["writes"])
     client = mlflow.MlflowClient(tracking_uri=uri)
