@@ -9,8 +9,8 @@ from pathlib import Path
 
 from . import tracking
 from .config import ConfigError
-from .stages import (benchmark, common, distill, evaluate, pipeline_run, profiles, rdpo, report, sample, teacher,
-                     train_backbone)
+from .stages import (benchmark, common, distill, evaluate, import_table, pipeline_run, profiles, rdpo, report, sample,
+                     teacher, train_backbone)
 from .stages import config as config_cmd
 
 # The commands, in the order `epd --help` lists them.
@@ -22,6 +22,7 @@ COMMANDS = {
     "evaluate": evaluate,
     "report": report,
     "benchmark": benchmark,
+    "import-table": import_table,
     "train-backbone": train_backbone,
     "pipeline-run": pipeline_run,
     "config": config_cmd,
@@ -114,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             return module.run(args, cfg)
         import torch
 
+        from . import distributed
+
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-        with _stage_run(args, argv, cfg):
+        # under torchrun: join the process group before any model loads, leave it also on errors
+        with distributed.session(), _stage_run(args, argv, cfg):
             return module.run(args, cfg)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:  # ConfigError, TableError…
         print(f"epd {args.command}: error: {e}", file=sys.stderr)

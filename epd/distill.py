@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import tracking
 from .backbones import load_backbone
-from .io import atomic_write, load_optimizer, optimizer_tensors
+from .io import atomic_write, code_version, load_optimizer, optimizer_tensors, set_aside
 from .options import Field
 from .solvers import SolverTable, handset_table, sample_epd, save_table
 from .solvers.common import select_rows
@@ -133,8 +133,13 @@ def _load_checkpoint(out: Path, params: TableParams, opt: torch.optim.Optimizer,
     if not (st_path.exists() and json_path.exists()):
         return 0, []
     header = json.loads(json_path.read_text())
-    if header.get("run_hash") != run_hash:
-        return 0, []  # a checkpoint of another config: start afresh (it is overwritten at the next save)
+    if header.get("run_hash") != run_hash:   # another config, teacher or code: kept aside, start over
+        tag = f"ckpt-{str(header.get('run_hash'))[:8]}-it{header.get('iteration')}"
+        for p in (st_path, json_path):
+            set_aside(p, tag)
+        print(f"distill: {st_path} belongs to another config, teacher or code version; kept aside ({tag}), "
+              f"starting over")
+        return 0, []
     tensors = load_file(st_path)
     params.load_state_dict({k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")})
     load_optimizer(opt, tensors, header["param_groups"])
@@ -163,7 +168,8 @@ def distill(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: Distill
                           rho=tcfg.rho, schedule_args=tcfg.schedule_args, scale_bound=cfg.scale_bound,
                           backbone=backbone.name,
                           guidance=float(tcfg.backbone_options.get("guidance", 1.0)))
-    run_hash = hashlib.sha256(json.dumps([cfg.to_json(), manifest["config_hash"]], sort_keys=True).encode()).hexdigest()
+    run_hash = hashlib.sha256(json.dumps([cfg.to_json(), manifest["config_hash"], code_version()],
+                                         sort_keys=True).encode()).hexdigest()
 
     torch.manual_seed(cfg.seed)
     params = TableParams(start)

@@ -7,6 +7,7 @@ SHA-256 of the tensor file, and free-form provenance: training config, data spli
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,6 +40,31 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+@functools.cache
+def code_version() -> str:
+    """A hash of epd's version and the source of its package: a checkpoint made by other code is not resumed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    try:
+        h.update(version("epd").encode())
+    except PackageNotFoundError:
+        pass
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def set_aside(path: Path, tag: str) -> Path | None:
+    """Rename ``path`` (if it exists) to ``NAME.<tag>.SUFFIX`` beside it, keeping it; returns the new path."""
+    if not path.exists():
+        return None
+    kept = path.with_name(f"{path.name.split('.')[0]}.{tag}{path.suffix}")
+    os.replace(path, kept)
+    return kept
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished folder ``tmp`` to ``out``; an older ``out`` is removed only after the new one is in place."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -46,6 +72,19 @@ def replace_dir(tmp: Path, out: Path) -> None:
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (safetensors reads it only from a file): the format is an 8-byte
+    little-endian header length, then the JSON header."""
+    n = int.from_bytes(blob[:8], "little")
+    try:
+        header = json.loads(blob[8:8 + n]) if len(blob) >= 8 + n else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError("not safetensors bytes: the header is truncated or not a JSON object")
+    return header.get("__metadata__") or {}
 
 
 def looks_like_pickle(path: Path, head: bytes) -> bool:

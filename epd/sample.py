@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from . import distributed
 from .backbones import Backbone
 from .data import parse_labels, seed_count
 from .io import replace_dir
@@ -124,24 +125,58 @@ def write_manifest(outdir: Path, seeds: Sequence[int], *, labels: Sequence[int] 
 def write_samples(backbone: Backbone, solver: Configured, seeds: Sequence[int], outdir: str | os.PathLike, *,
                   labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None, batch_size: int = 64,
                   subdirs: bool = True, overwrite: bool = False, progress: bool = True) -> Path:
-    """Sample every seed into ``outdir``: one PNG per seed and ``samples.csv`` (what ``epd evaluate`` reads).
+    """Sample every seed into ``outdir``: one PNG per seed (:func:`png_path`) and ``samples.csv``
+    (:func:`write_manifest`, what ``epd evaluate`` reads), labels / prompts cycled over the seeds as
+    :func:`generate` does; returns ``outdir``.
 
-    The folder is filled under a temporary name beside it and moved into place only when complete, so an
-    interrupted run leaves no half-written folder, and an existing one (only replaced with ``overwrite``) keeps
-    its samples until then; no stale PNG of an earlier run survives."""
+    The folder is filled under a temporary name beside it and moved into place only when complete: an interrupted
+    run leaves no half-written folder, an existing one (replaced only with ``overwrite``) keeps its samples until
+    then, and no stale PNG of an earlier run survives.
+
+    Under ``torchrun --nproc-per-node N`` the batches one process would form (``batch_size`` consecutive seeds) go
+    round-robin to the N processes, each writing its PNGs; rank 0 writes ``samples.csv`` and moves the folder into
+    place once every PNG exists. Each image is computed in the same batch as in one process, so the files are the
+    same bytes for any N. Every rank returns once the folder is in place.
+    """
     outdir = Path(outdir)
+    if labels is not None and prompts is not None:
+        raise ValueError("give labels or prompts, not both")
+    conds = labels if labels is not None else prompts
+    if conds is not None and len(conds) == 0:
+        raise ValueError("the label/prompt list is empty")
+    if not seeds:
+        raise ValueError("no seeds to sample")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if len(set(seeds)) != len(seeds):   # two rows for one PNG, which two processes might write at once
+        raise ValueError(f"a seed appears more than once in {list(seeds)[:20]}…: each seed names one PNG")
     check_sample_dir(outdir, overwrite)
-    tmp = outdir.with_name(f".{outdir.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        for batch_seeds, images in generate(backbone, solver, seeds, labels=labels, prompts=prompts,
-                                            batch_size=batch_size, progress=progress):
-            save_pngs(images, batch_seeds, tmp, subdirs=subdirs)
-        write_manifest(tmp, seeds, labels=labels, prompts=prompts, subdirs=subdirs)
-        replace_dir(tmp, outdir)
-    except BaseException:
+    distributed.init()
+    rank, ranks = distributed.rank(), distributed.world_size()
+    tmp = outdir.with_name(f".{outdir.name}.partial")   # the same name on every rank
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    try:
+        starts = range(rank * batch_size, len(seeds), ranks * batch_size)   # this rank's batches
+        mine = [i for start in starts for i in range(start, min(start + batch_size, len(seeds)))]
+        # each seed's own label / prompt, so that generate's cycling (by position in its list) is the identity
+        picked = None if conds is None else [conds[i % len(conds)] for i in mine]
+        if mine:
+            for batch_seeds, images in generate(
+                    backbone, solver, [seeds[i] for i in mine], labels=picked if labels is not None else None,
+                    prompts=picked if prompts is not None else None, batch_size=batch_size,
+                    progress=progress and rank == 0):
+                save_pngs(images, batch_seeds, tmp, subdirs=subdirs)
+        distributed.barrier()
+        if rank == 0:
+            write_manifest(tmp, seeds, labels=labels, prompts=prompts, subdirs=subdirs)
+            replace_dir(tmp, outdir)
+        distributed.barrier()
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return outdir
 

@@ -342,7 +342,8 @@ def stage_run(stage: str, *, uri: str | None = None, experiment: str | None = No
     ``$MLFLOW_EXPERIMENT_NAME``, else ``epd``. ``out`` (the stage's output) is tagged: a run of the same output
     still RUNNING is one whose process died (``kill -9``, a lost node), and is closed KILLED first.
     The run ends FINISHED, or FAILED if the stage raises, or KILLED on Ctrl-C or SIGTERM (the process then exits
-    with status 143, as it would have without tracking).
+    with status 143, as it would have without tracking). Under torchrun only rank 0 (``RANK``) opens the run; on
+    the other processes this yields None and the logging calls do nothing.
     """
     global _active
     info = read_pipeline_run(parent) if parent is not None and Path(parent).is_file() else {}
@@ -357,7 +358,8 @@ def stage_run(stage: str, *, uri: str | None = None, experiment: str | None = No
         if experiment and experiment != info["experiment"]:
             raise TrackingError(f"--experiment {experiment!r} differs from the pipeline run's experiment "
                                 f"{info['experiment']!r} ({parent}): nested runs live in their parent's experiment")
-    if not uri:
+    if not uri or int(os.environ.get("RANK", "0")) != 0:
+        # untracked; or one of torchrun's other processes: rank 0 records the stage, in one run
         yield None
         return
     store = _Store(uri)

@@ -44,7 +44,7 @@ class Action:
     def __len__(self) -> int:
         return self.segments.shape[0]
 
-    def select(self, idx: torch.Tensor) -> "Action":
+    def select(self, idx: torch.Tensor | slice) -> "Action":
         return Action(*(None if t is None else t[idx] for t in (self.segments, self.weights, self.log_scales)))
 
 

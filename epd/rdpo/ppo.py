@@ -28,19 +28,22 @@ def rloo_advantages(rewards: torch.Tensor, k: int, *, grouping: str = "prompt",
 
 
 def ppo_loss(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-             clip_range: float) -> tuple[torch.Tensor, dict[str, float]]:
+             clip_range: float, *, denominator: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate −mean(min(ρ·A, clip(ρ, 1 − ε, 1 + ε)·A)), ρ = π_new / π_old of the drawn tables.
 
     Also returns the fraction of samples whose ratio was clipped and the approximate KL(π_old ‖ π_new) by the
-    low-variance estimator mean((ρ − 1) − log ρ).
+    low-variance estimator mean((ρ − 1) − log ρ). ``denominator`` replaces the number of samples in these means:
+    a process's share of a minibatch (possibly empty) divided by the minibatch size, so that the shares of all
+    processes add up to the minibatch's loss and statistics.
     """
+    n = len(new_log_prob) if denominator is None else denominator
     log_ratio = new_log_prob - old_log_prob
     ratio = log_ratio.exp()
     clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = -torch.min(ratio * advantages, clipped * advantages).mean()
+    loss = -torch.min(ratio * advantages, clipped * advantages).sum() / n
     with torch.no_grad():
-        stats = {"clip_fraction": float(((ratio - 1).abs() > clip_range).double().mean()),
-                 "approx_kl": float(((ratio - 1) - log_ratio).mean())}
+        stats = {"clip_fraction": float(((ratio - 1).abs() > clip_range).double().sum() / n),
+                 "approx_kl": float(((ratio - 1) - log_ratio).sum() / n)}
     return loss, stats
 
 

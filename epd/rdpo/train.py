@@ -9,6 +9,14 @@ All randomness of step t (prompts, noise seeds, table draws, minibatch order) co
 (seed, t), so a run resumed from its checkpoint (``STEM.ckpt.safetensors``: policy, optimiser, metrics, in one
 atomically written file) is identical to an uninterrupted one. Training noise seeds are drawn from [10⁹, 2⁶²), so
 they never meet evaluation seeds below 10⁹.
+
+Under ``torchrun --nproc-per-node N`` the run is data-parallel and follows the trajectory of one process with the
+same ``rollout_batch_size`` (up to float rounding): every rank draws the whole step from the step generator, solves
+and scores its contiguous B/N samples, and gathers the rewards, so RLOO sees the whole batch. In the update each
+rank takes its share of every minibatch, its loss scaled by the minibatch size so that the summed (all-reduced)
+gradients are the minibatch gradient; the KL and entropy terms are added on rank 0 only, and gradients are clipped
+after the sum. Rank 0 alone writes the checkpoint, table, metrics and tracking; the checkpoint does not record N,
+so a run may resume on another number of processes.
 """
 from __future__ import annotations
 
@@ -26,9 +34,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tqdm import tqdm
 
-from .. import tracking
+from .. import distributed, tracking
 from ..backbones import Backbone
-from ..io import atomic_write, load_optimizer, optimizer_tensors, weight_paths
+from ..io import (atomic_write, code_version, load_optimizer, optimizer_tensors, safetensors_metadata, set_aside,
+                  weight_paths)
 from ..options import Field
 from ..rewards import REWARDS, Reward
 from ..solvers import SolverTable, load_table, sample_epd, save_table
@@ -85,6 +94,14 @@ class RDPOConfig:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check_world_size(self, n: int) -> None:
+        """Refuse a rollout batch that ``n`` processes cannot share equally (each solves B / n samples)."""
+        b = self.rollout_batch_size
+        if b % n:
+            raise ValueError(f"rdpo: rollout_batch_size {b} does not split over {n} processes ({b} % {n} = {b % n}); "
+                             f"use a multiple of {math.lcm(n, self.rloo_k)} (of both the {n} processes and "
+                             f"rloo_k {self.rloo_k})")
+
 
 @dataclass(frozen=True)
 class RDPOOptions:
@@ -116,7 +133,10 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 def rollout(policy: DirichletPolicy, backbone: Backbone, reward: Reward, prompts: list[str], cfg: RDPOConfig,
             gen: torch.Generator) -> Rollout:
-    """B tables from the policy, one batched EPD solve with a table per sample, and their rewards."""
+    """B tables from the policy, one batched EPD solve with a table per sample, and their rewards.
+
+    Every rank draws the whole batch; under torchrun each solves and scores its contiguous B / N samples and the
+    rewards are gathered, so every rank returns the whole rollout."""
     k, groups = cfg.rloo_k, cfg.rollout_batch_size // cfg.rloo_k
     picked = [prompts[i] for i in torch.randint(len(prompts), (groups,), generator=gen).tolist()]
     batch_prompts = [p for p in picked for _ in range(k)]                       # prompt-major
@@ -128,9 +148,11 @@ def rollout(policy: DirichletPolicy, backbone: Backbone, reward: Reward, prompts
         params = policy()
         action = sample(params, len(batch_prompts), draw_seed)
         old = log_prob(params, action)
-        x = sample_epd(backbone, backbone.noise(seeds.tolist()), policy.meta.sigmas(), policy.tables(action),
-                       cond=backbone.encode(prompts=batch_prompts))
-        rewards = reward.score(backbone.to_pixels(x), batch_prompts).double().cpu()
+        n, r = distributed.world_size(), distributed.rank()
+        mine = slice(r * len(action) // n, (r + 1) * len(action) // n)
+        x = sample_epd(backbone, backbone.noise(seeds[mine].tolist()), policy.meta.sigmas(),
+                       policy.tables(action.select(mine)), cond=backbone.encode(prompts=batch_prompts[mine]))
+        rewards = distributed.all_gather(reward.score(backbone.to_pixels(x), batch_prompts[mine]).double().cpu())
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError(f"the reward returned non-finite values for prompts {batch_prompts}")
     return Rollout(action, old, rewards, batch_prompts)
@@ -138,29 +160,45 @@ def rollout(policy: DirichletPolicy, backbone: Backbone, reward: Reward, prompts
 
 def ppo_update(policy: DirichletPolicy, opt: torch.optim.Optimizer, roll: Rollout, cfg: RDPOConfig,
                gen: torch.Generator) -> dict[str, float]:
-    """``ppo_epochs`` passes of minibatch clipped-PPO updates on one rollout; returns the mean statistics."""
+    """``ppo_epochs`` passes of minibatch clipped-PPO updates on one rollout; returns the mean statistics.
+
+    Under torchrun each rank takes its share of every minibatch (shares may be uneven, or empty) and the gradients
+    and loss statistics are summed over the ranks before clipping and the optimiser step (module docstring)."""
     adv = rloo_advantages(roll.rewards, cfg.rloo_k, grouping=cfg.rloo_grouping,
                           normalize=cfg.normalize_advantages).to(roll.old_log_prob)
     prior = policy.prior()
+    weights = list(policy.parameters())
+    ranks, main = distributed.world_size(), distributed.is_main()
     sums = {"policy_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "grad_norm": 0.0}
     n = 0
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(len(adv), generator=gen)
         for start in range(0, len(adv), cfg.minibatch_size):
             idx = order[start:start + cfg.minibatch_size]
+            mine = idx.tensor_split(ranks)[distributed.rank()]
             params = policy()
-            loss, stats = ppo_loss(log_prob(params, roll.action.select(idx)), roll.old_log_prob[idx], adv[idx],
-                                   cfg.clip_range)
+            loss, stats = ppo_loss(log_prob(params, roll.action.select(mine)), roll.old_log_prob[mine], adv[mine],
+                                   cfg.clip_range, denominator=len(idx))
             total = loss
-            if cfg.kl_coef:
+            if cfg.kl_coef and main:      # terms of the whole minibatch: counted once
                 total = total + cfg.kl_coef * kl_divergence(params, prior)
-            if cfg.entropy_coef:
+            if cfg.entropy_coef and main:
                 total = total - cfg.entropy_coef * entropy(params)
             opt.zero_grad()
             total.backward()
-            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or math.inf)
+            if ranks > 1:
+                grads = [torch.zeros_like(w) if w.grad is None else w.grad for w in weights]   # policy: float64
+                local = torch.tensor([loss.item(), stats["clip_fraction"], stats["approx_kl"]], dtype=torch.float64)
+                *grads, summed = distributed.all_reduce_sum([*grads, local])
+                for w, g in zip(weights, grads):
+                    w.grad = g
+                loss_value, stats = summed[0].item(), {"clip_fraction": summed[1].item(),
+                                                       "approx_kl": summed[2].item()}
+            else:
+                loss_value = loss.item()
+            norm = torch.nn.utils.clip_grad_norm_(weights, cfg.max_grad_norm or math.inf)
             opt.step()
-            for key, value in (("policy_loss", loss.item()), ("grad_norm", norm.item()), *stats.items()):
+            for key, value in (("policy_loss", loss_value), ("grad_norm", norm.item()), *stats.items()):
                 sums[key] += value
             n += 1
     return {key: v / n for key, v in sums.items()}
@@ -181,20 +219,28 @@ def _save_checkpoint(out: Path, policy: DirichletPolicy, opt: torch.optim.Optimi
     atomic_write(ckpt_path(out), st_save(tensors, metadata={"rdpo": json.dumps(header)}))
 
 
-def _load_checkpoint(out: Path, policy: DirichletPolicy, opt: torch.optim.Optimizer,
-                     run_hash: str) -> tuple[int, list[list[float]]]:
-    """Restore a checkpoint of this run; (0, []) if there is none or it belongs to another config."""
+def _load_checkpoint(out: Path, policy: DirichletPolicy, opt: torch.optim.Optimizer, run_hash: str,
+                     steps: int) -> tuple[int, list[list[float]]]:
+    """Restore a checkpoint of this run (same config, start table and code; at most ``steps`` steps in); (0, []) if
+    there is none. A checkpoint of anything else is kept under another name and the run starts over, so a lower
+    ``steps`` gives the table of that many steps. Rank 0 reads the file and sends its bytes to the other ranks, so
+    every rank starts from the same state."""
     path = ckpt_path(out)
-    if not path.exists():
+    main = distributed.is_main()
+    blob = distributed.broadcast_bytes((path.read_bytes() if path.exists() else b"") if main else None)
+    if not blob:
         return 0, []
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        header = json.loads((f.metadata() or {}).get("rdpo", "{}"))
-    if header.get("run_hash") != run_hash:
-        print(f"rdpo: {path} belongs to another config or start table; starting afresh")
+    header = json.loads(safetensors_metadata(blob).get("rdpo", "{}"))
+    other = header.get("run_hash") != run_hash
+    if other or header.get("step", 0) > steps:
+        why = ("another config, start table or code version" if other else
+               f"a longer run (step {header.get('step')}, steps={steps} now)")
+        if main:
+            kept = set_aside(path, f"ckpt-{str(header.get('run_hash'))[:8]}-step{header.get('step')}")
+            print(f"rdpo: {path} belongs to {why}; kept as {kept.name}, starting over")
+        distributed.barrier()
         return 0, []
-    tensors = st_load(path.read_bytes())
+    tensors = st_load(blob)
     policy.load_state_dict({k.removeprefix("policy."): v for k, v in tensors.items() if k.startswith("policy.")})
     load_optimizer(opt, tensors, header["param_groups"])
     return header["step"], tensors["metrics"].tolist()
@@ -203,11 +249,11 @@ def _load_checkpoint(out: Path, policy: DirichletPolicy, opt: torch.optim.Optimi
 def run_hash(cfg: RDPOConfig, start: Path, backbone: Backbone, reward: Reward, prompts: list[str],
              backbone_options: dict[str, Any]) -> str:
     """What fixes the trajectory of a run: config (but not its length or save cadence), start table, backbone,
-    reward and prompts. ``--steps`` can therefore grow on a rerun and the run continues where it stopped."""
+    reward, prompts and the code. ``--steps`` can therefore grow on a rerun and the run continues where it stopped."""
     key = {k: v for k, v in cfg.to_json().items() if k not in ("steps", "save_interval")}
     table_sha = json.loads(weight_paths(start)[1].read_text()).get("tensors_sha256")
     blob = json.dumps([key, table_sha, backbone.name, backbone_options, getattr(reward, "weights", reward.name),
-                       prompts], sort_keys=True, default=str)
+                       prompts, code_version()], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -217,8 +263,19 @@ def rdpo(start_table: str | Path, out: str | Path, cfg: RDPOConfig, *, backbone:
     """Fine-tune the table at ``start_table``; writes ``OUT.json/.safetensors`` (the policy mean, at every save and
     at the end), ``OUT.metrics.csv``, ``OUT.metrics.png`` and ``OUT.ckpt.safetensors`` (kept, so a rerun with more
     ``steps`` continues). ``stop_after`` ends the run after that many steps, as an interruption would (returns None).
+
+    Under torchrun (see the module docstring) every rank calls this with the same arguments and gets the same
+    table; the process group is joined if it is not yet (:func:`epd.distributed.init`), and the rollout batch must
+    split evenly over the processes (:meth:`RDPOConfig.check_world_size`). Returns once the outputs are written.
     """
-    out, start_table = Path(out), Path(start_table)
+    distributed.init()
+    cfg.check_world_size(distributed.world_size())
+    return _rdpo(Path(start_table), Path(out), cfg, backbone=backbone, reward=reward, prompts=prompts,
+                 backbone_options=backbone_options, progress=progress, stop_after=stop_after)
+
+
+def _rdpo(start_table: Path, out: Path, cfg: RDPOConfig, *, backbone: Backbone, reward: Reward, prompts: list[str],
+          backbone_options: dict[str, Any] | None, progress: bool, stop_after: int | None) -> SolverTable | None:
     start = load_table(start_table)
     check_table_use(start, backbone=backbone.name, sigma_max=backbone.sigma_max, source=str(start_table))
     if not prompts:
@@ -229,16 +286,21 @@ def rdpo(start_table: str | Path, out: str | Path, cfg: RDPOConfig, *, backbone:
                              hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     key = run_hash(cfg, start_table, backbone, reward, list(prompts), backbone_options or {})
-    step, rows = _load_checkpoint(out, policy, opt, key)
-    if step > cfg.steps:
-        raise ValueError(f"{ckpt_path(out)} is at step {step}, beyond steps={cfg.steps}; delete it to start over")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tracking.log_params({"rdpo": {**cfg.to_json(), "start_table": str(start_table), "num_prompts": len(prompts)}})
+    step, rows = _load_checkpoint(out, policy, opt, key, cfg.steps)
+    main = distributed.is_main()   # the one process that writes files and tracks
+    if main and step:
+        done = "finished: exporting its table, nothing to train" if step == cfg.steps else "resuming"
+        print(f"rdpo: {ckpt_path(out)} is this run's checkpoint at step {step} of {cfg.steps}; {done}")
+        tracking.set_tags({"resumed_from_step": step})
+    if main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tracking.log_params({"rdpo": {**cfg.to_json(), "start_table": str(start_table),
+                                      "num_prompts": len(prompts)}})
     provenance = {"rdpo": cfg.to_json(), "start_table": str(start_table), "backbone_options": backbone_options or {},
                   "reward": getattr(reward, "weights", reward.name), "num_prompts": len(prompts)}
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc="rdpo", disable=not progress)
-    ran, logged = step < cfg.steps, len(rows)
+    bar = tqdm(total=cfg.steps, initial=step, desc="rdpo", disable=not (progress and main))
+    ran, logged = step < cfg.steps, 0   # a resumed run logs the checkpoint's curves too: its history is whole
     while step < cfg.steps:
         gen = step_generator(cfg.seed, step)
         roll = rollout(policy, backbone, reward, list(prompts), cfg, gen)
@@ -251,7 +313,7 @@ def rdpo(start_table: str | Path, out: str | Path, cfg: RDPOConfig, *, backbone:
         rows.append([float(step), *(stats[m] for m in METRICS[1:])])
         bar.update(1)
         bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl_prior']:.2e}")
-        if step % cfg.save_interval == 0 or step == cfg.steps:
+        if main and (step % cfg.save_interval == 0 or step == cfg.steps):
             _save_checkpoint(out, policy, opt, step, rows, key)
             _export(policy, out, rows, {**provenance, "step": step, "seconds": time.perf_counter() - t0})
             for i, name in enumerate(METRICS[1:], 1):  # MLflow gets the curves in batches, at each save
@@ -259,13 +321,16 @@ def rdpo(start_table: str | Path, out: str | Path, cfg: RDPOConfig, *, backbone:
             logged = len(rows)
         if stop_after is not None and step >= stop_after and step < cfg.steps:
             bar.close()
+            distributed.barrier()
             return None
     bar.close()
-    if not ran:  # a rerun of a finished run: export again (cheap), in case the outputs were removed
-        _export(policy, out, rows, {**provenance, "step": step})
-    for path in (out.with_name(out.name + ".json"), out.with_name(out.name + ".metrics.csv"),
-                 out.with_name(out.name + ".metrics.png")):
-        tracking.log_artifact(path)
+    if main:
+        if not ran:  # a rerun of a finished run: export again (cheap), in case the outputs were removed
+            _export(policy, out, rows, {**provenance, "step": step})
+        for path in (out.with_name(out.name + ".json"), out.with_name(out.name + ".metrics.csv"),
+                     out.with_name(out.name + ".metrics.png")):
+            tracking.log_artifact(path)
+    distributed.barrier()   # no rank returns before the outputs exist
     return policy.mean_table()
 
 

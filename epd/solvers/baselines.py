@@ -1,9 +1,9 @@
 """Hand-designed ODE solvers, one pure function each, in the shape of k-diffusion's ``sampling.py``.
 
 All take ``(denoiser, x, sigmas, *, cond=None, callback=None, afs=False)``: ``x`` is the start state at
-``sigmas[0]`` (noise already scaled by σ_0), ``sigmas`` a decreasing grid that may end in 0. A step into σ = 0 is
-first order (it returns the denoised estimate, or its multistep extrapolation for the AB-type methods), because the
-higher-order formulas divide by σ or log σ there. Gradients are left on: wrap calls in ``torch.no_grad()`` to sample.
+``sigmas[0]`` (noise already scaled by σ_0), ``sigmas`` a decreasing grid that may end in 0. Into σ = 0
+every solver but iPNDM takes a first-order step (it returns the denoised estimate), because the higher-order formulas
+divide by σ or log σ there; iPNDM keeps extrapolating its multistep direction into 0. Gradients are left on: wrap calls in ``torch.no_grad()`` to sample.
 
 NFE (sequential denoiser calls) for a grid of N points, ``z`` = 1 if it ends in 0, ``a`` = 1 with AFS:
 euler, dpmpp_2m, dpmpp_3m, unipc, ipndm: N − 1 − a;  heun, dpm2: 2(N − 1) − z − a.  See :func:`nfe`.
@@ -91,11 +91,12 @@ def sample_dpmpp_3m(
     callback: Callback | None = None, afs: bool = False, lower_order_final: bool = True,
     corrected: bool = False,
 ) -> torch.Tensor:
-    """DPM-Solver++(3M), data prediction (Lu et al. 2022, App. B; k-diffusion's 3M with η = 0).
+    """DPM-Solver++(3M), data prediction (Lu et al. 2022, App. B).
 
-    ``lower_order_final`` as in :func:`sample_dpmpp_2m`. By default this is the update of diffusers, k-diffusion
-    and the DPM-Solver reference code, whose second-difference term carries half its Taylor coefficient
-    (D2 ≈ h²·D''/2, but the exact term is 2·φ₃·D2), so it converges at order 2 (tests/test_convergence.py).
+    ``lower_order_final`` as in :func:`sample_dpmpp_2m`. By default this is the update of diffusers and the
+    DPM-Solver reference code (k-diffusion's ``sample_dpmpp_3m_sde`` at η = 0 differs: its second step adds φ₂·D1
+    instead of the midpoint term), whose second-difference term carries half its Taylor coefficient (D2 ≈ h²·D''/2,
+    but the exact term is 2·φ₃·D2), so it converges at order 2 (tests/unit/solvers/test_convergence.py).
     ``corrected=True`` doubles that term and is third order.
     """
     return _dpmpp_multistep(denoiser, x, sigmas, 3, cond, callback, afs, lower_order_final, 2.0 if corrected else 1.0)

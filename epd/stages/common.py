@@ -103,7 +103,13 @@ def backbone_options(cfg: Config) -> dict[str, Any]:
 
 
 def load(cfg: Config) -> Backbone:
-    return load_backbone(cfg.backbone.name, **backbone_options(cfg))
+    """The config's backbone; under torchrun a GPU backbone without a device runs on this process's GPU."""
+    from .. import distributed
+
+    opts = backbone_options(cfg)
+    if BACKBONES[cfg.backbone.name].gpu and opts.get("device") is None and distributed.launched():
+        opts["device"] = str(distributed.device())
+    return load_backbone(cfg.backbone.name, **opts)
 
 
 # -- outputs -------------------------------------------------------------------------------------------------------

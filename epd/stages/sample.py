@@ -5,13 +5,13 @@ import argparse
 
 import torch
 
-from .. import tracking
+from .. import distributed, tracking
 from ..config import STAGE_SECTIONS, Config
 from ..data import parse_labels, parse_seeds, read_prompts
 from ..options import given_flags, json_object
 from ..sample import check_sample_dir, generate, save_grid, write_samples
 from ..solvers import SOLVERS, load_table
-from ..solvers.plan import configure_for
+from ..solvers.plan import check_table_use, configure_for
 from . import common
 
 HELP = "generate images with a baseline solver or an EPD table"
@@ -61,13 +61,13 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     else:
         check_sample_dir(common.check_writable_dir(args.outdir, "output folder"), args.overwrite)
     table = load_table(args.table) if args.table else None
-    asked = given_flags(args, "schedule").get("name")
-    if table is not None and asked is not None and asked != table.meta.schedule:
-        raise ValueError(f"{args.table} carries its own grid (schedule {table.meta.schedule!r}); --schedule {asked} "
-                         f"does not apply to it")
+    if table is not None:   # an explicit --schedule must be the table's own (a table fixes its grid)
+        check_table_use(table, schedule=given_flags(args, "schedule").get("name"), source=args.table)
     backbone = common.load(cfg)
     run_ = configure_for(backbone, args.solver, None if table is not None else args.nfe, table=table,
                          schedule=cfg.schedule.name, rho=cfg.schedule.rho, num_points=args.num_points)
+    if args.grid and distributed.world_size() > 1:
+        raise ValueError("--grid is one image from one process: run it without torchrun")
     if args.grid:
         images = torch.cat([img for _, img in generate(backbone, run_, seeds, labels=labels, prompts=prompts,
                                                        batch_size=s.batch, progress=not args.no_progress)])
@@ -80,5 +80,6 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     tracking.set_tags({"solver": run_.name, "nfe": run_.nfe, "backbone": backbone.name,
                        "schedule": table.meta.schedule if table is not None else cfg.schedule.name})
     tracking.log_metrics({"num_samples": len(seeds)})
-    print(f"{len(seeds)} samples, solver={run_.name} nfe={run_.nfe} -> {out}")
+    if distributed.is_main():
+        print(f"{len(seeds)} samples, solver={run_.name} nfe={run_.nfe} -> {out}")
     return 0

@@ -331,3 +331,22 @@ def test_benchmark_measures_an_imported_table(tmp_path):
     rows = [r for r in csv.DictReader((tmp_path / "bench" / "benchmark.csv").open()) if r["solver"] == "upstream"]
     assert {(r["schedule"], r["nfe"]) for r in rows} == {("explicit", "7")} and len(rows) == 2
     assert all(math.isfinite(float(r["rms"])) for r in rows)
+
+
+def test_import_table_then_sample_from_the_command_line(tmp_path, capsys):
+    """The two commands of the README: import a published snapshot, sample with it (here on gmm-digits, whose σ range
+    the pixel-space tables share); an explicit --schedule that is not the table's own grid is refused."""
+    from epd.cli import main
+
+    snapshot = pixel_snapshot(tmp_path)[0]
+    assert main(["import-table", str(snapshot), "--out", str(tmp_path / "t")]) == 0
+    assert "NFE 7, K=2, EPD, backbone any, its own grid" in capsys.readouterr().out
+    assert main(["sample", "--table", str(tmp_path / "t.json"), "--labels", "3", "--seeds", "0-3",
+                 "--outdir", str(tmp_path / "s"), "--no-progress"]) == 0
+    assert len(list((tmp_path / "s").rglob("*.png"))) == 4
+    assert main(["sample", "--table", str(tmp_path / "t.json"), "--schedule", "time_uniform", "--seeds", "0-3",
+                 "--outdir", str(tmp_path / "s2"), "--no-progress"]) == 2
+    assert "carries its own grid" in capsys.readouterr().err and not (tmp_path / "s2").exists()
+    (tmp_path / "x.pkl").write_bytes(b"not a pickle")
+    assert main(["import-table", str(tmp_path / "x.pkl"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x.json").exists()

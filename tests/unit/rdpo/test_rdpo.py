@@ -177,9 +177,33 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert (tmp_path / "straight.metrics.csv").read_text() == (tmp_path / "cut.metrics.csv").read_text()
     assert not torch.equal(a.positions, load_table(DISTILLED).positions)  # the run did move the table
-    # Asking for more steps continues the finished run; fewer than the checkpoint holds is refused.
-    with pytest.raises(ValueError, match="beyond steps"):
-        rdpo(DISTILLED, tmp_path / "cut", dataclasses.replace(cfg, steps=3), **kw)
+    # Fewer steps than the checkpoint holds: the run starts over (the old checkpoint kept under another name) and
+    # gives the table of that many steps, equal to a run that was asked for 3 steps from the start.
+    fewer = dataclasses.replace(cfg, steps=3)
+    rdpo(DISTILLED, tmp_path / "cut", fewer, **kw)
+    rdpo(DISTILLED, tmp_path / "three", fewer, **kw)
+    c, d = load_table(tmp_path / "cut.json"), load_table(tmp_path / "three.json")
+    assert all(torch.equal(getattr(c, n), getattr(d, n)) for n in c.tensors())
+    assert not torch.equal(c.positions, a.positions)
+    kept = sorted(p.name for p in tmp_path.glob("cut.ckpt-*-step5.safetensors"))
+    assert len(kept) == 1 and ckpt_path(tmp_path / "cut").exists()
+
+
+def test_a_checkpoint_of_other_code_is_not_resumed(tmp_path, monkeypatch, capsys):
+    """A rerun after a code change retrains (never re-exports the old checkpoint), keeping the old one aside."""
+    from epd.rdpo import train
+
+    backbone = load_backbone("gmm-digits")
+    cfg = RDPOConfig(steps=2, save_interval=1, hidden_dim=16, num_layers=1)
+    kw = dict(backbone=backbone, reward=load_reward("realism"), prompts=PROMPTS, progress=False)
+    rdpo(DISTILLED, tmp_path / "r", cfg, **kw)
+    rdpo(DISTILLED, tmp_path / "r", cfg, **kw)
+    assert "finished: exporting its table, nothing to train" in capsys.readouterr().out
+    monkeypatch.setattr(train, "code_version", lambda: "other code")
+    rdpo(DISTILLED, tmp_path / "r", cfg, **kw)
+    out = capsys.readouterr().out
+    assert "another config, start table or code version" in out and "starting over" in out
+    assert len(list(tmp_path.glob("r.ckpt-*-step2.safetensors"))) == 1
 
 
 def test_cli_writes_a_table_epd_sample_reads_and_compares_on_held_out_seeds(tmp_path, capsys):

@@ -139,16 +139,14 @@ def test_imagereward_vision_tower_is_blips_timm_vit(weights):
 def test_mps_pickled_model_read_without_running_it(weights, tmp_path):
     """The whole-model pickle gives exactly the module's state dict (epd.pickled, whose own tests check that code
     hidden in a pickle does not run); the weights_only loader refuses it by name."""
+    from epd.io import load_checkpoint
     from epd.pickled import pickled_module_state_dict
-    from epd.rewards.t2i.common import load_checkpoint
 
     got = pickled_module_state_dict(weights["mps"])
     want = {k: v for k, v in weights["_mps_state"].items()}
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
     with pytest.raises(ValueError, match="weights_only"):
-        from epd.io import load_checkpoint
-
         load_checkpoint(weights["mps"], "x")
 
 
