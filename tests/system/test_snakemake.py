@@ -86,6 +86,13 @@ def test_tiny_pipeline_run_noop_forcerun_and_config_change(tmp_path):
     for job in ("teacher-nfe3", "distill-nfe3", "rdpo-nfe3", "sample-euler-nfe3", "evaluate-epd-nfe3", "report"):
         assert (res / "logs" / f"{job}.log").stat().st_size > 0, job   # every job's output in its log
 
+    # Snakemake's own HTML report of the finished run: the summary, the plots and the grids
+    report = run(root, "snakemake", "--report", "report.html")
+    assert report.returncode == 0, report.stdout
+    html = (root / "report.html").read_text()
+    for name in ("summary.csv", "quality_vs_nfe.png", "curves.png", "grids.png"):
+        assert name in html, name
+
     before = outputs(root)
     again = run(root, "snakemake", *PROFILE)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout, again.stdout
