@@ -37,7 +37,8 @@ onstart:
 
 onsuccess:
     shell(f"epd pipeline-run end {PARENT_RUN} --status FINISHED --commit-dvc")
-    print(open(f"{REPORT}/summary.md").read())
+    if os.path.exists(f"{REPORT}/summary.md"):  # not after --until an earlier stage
+        print(open(f"{REPORT}/summary.md").read())
     print(f"MLflow UI: mlflow ui --backend-store-uri {CFG.tracking.uri}  (then open http://127.0.0.1:5000)")
 
 

@@ -65,6 +65,14 @@ def set_aside(path: Path, tag: str) -> Path | None:
     return kept
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (no bytes copied), or a copy where the file system cannot link."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished folder ``tmp`` to ``out``; an older ``out`` is removed only after the new one is in place."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")

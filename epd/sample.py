@@ -1,6 +1,8 @@
 """Sampling: seeds → images with any solver (baseline at an NFE, or an EPD table), saved as PNGs or one grid."""
 from __future__ import annotations
 
+import csv
+import io
 import math
 import os
 import shutil
@@ -16,7 +18,7 @@ from tqdm import tqdm
 from . import distributed
 from .backbones import Backbone
 from .data import parse_labels, seed_count
-from .io import replace_dir
+from .io import atomic_write, link_or_copy, replace_dir
 from .options import Field
 from .solvers.plan import Configured
 
@@ -36,11 +38,16 @@ class SampleOptions:
                                          json_schema_extra={"flag": "--prompt-file"})] = None
     batch: Annotated[int, Field(ge=1, description="samples per batch")] = 64
     subdirs: Annotated[bool, Field(description="group PNGs in folders of 1000 seeds")] = True
+    shard_size: Annotated[int | None, Field(ge=1, description="seeds per job in the pipeline (a multiple of batch; "
+                                                             "none: one job per sample set)")] = None
 
     def __post_init__(self):
         if self.labels is not None and self.prompts is not None:
             raise ValueError("give labels or prompts, not both")
         seed_count(self.seeds)
+        if self.shard_size is not None and self.shard_size % self.batch:
+            raise ValueError(f"shard_size ({self.shard_size}) must be a multiple of batch ({self.batch}), so that a "
+                             f"sharded run computes every image in the same batch as an unsharded one")
         if self.labels is not None:
             parse_labels(self.labels)
 
@@ -101,24 +108,28 @@ def save_pngs(images: torch.Tensor, seeds: Sequence[int], outdir: Path, subdirs:
         _save_png(_to_pil(img), path)
 
 
+MANIFEST_HEADER = ["seed", "label", "prompt", "path"]
+
+
+def _manifest_rows(seeds: Sequence[int], labels: Sequence[int] | None, prompts: Sequence[str] | None,
+                   subdirs: bool) -> list[list]:
+    return [[seed, labels[i % len(labels)] if labels else "", prompts[i % len(prompts)] if prompts else "",
+             png_path(seed, subdirs)] for i, seed in enumerate(seeds)]
+
+
+def _csv(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
 def write_manifest(outdir: Path, seeds: Sequence[int], *, labels: Sequence[int] | None = None,
                    prompts: Sequence[str] | None = None, subdirs: bool = True) -> Path:
     """``outdir/samples.csv``: seed, label, prompt, path (relative to outdir) per PNG, what ``epd evaluate`` reads.
     Labels / prompts are cycled over the seeds as :func:`generate` does; the other column stays empty."""
-    import csv
-    import io
-
-    from .io import atomic_write
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["seed", "label", "prompt", "path"])
-    for i, seed in enumerate(seeds):
-        label = labels[i % len(labels)] if labels else ""
-        prompt = prompts[i % len(prompts)] if prompts else ""
-        w.writerow([seed, label, prompt, png_path(seed, subdirs)])
     outdir.mkdir(parents=True, exist_ok=True)
-    atomic_write(outdir / "samples.csv", buf.getvalue().encode())
+    atomic_write(outdir / "samples.csv", _csv([MANIFEST_HEADER, *_manifest_rows(seeds, labels, prompts,
+                                                                                   subdirs)]).encode())
     return outdir / "samples.csv"
 
 
@@ -177,6 +188,53 @@ def write_samples(backbone: Backbone, solver: Configured, seeds: Sequence[int], 
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return outdir
+
+
+def shard_slices(num_seeds: int, shard_size: int | None) -> list[slice]:
+    """The positions (in the seed list) of each shard: ``shard_size`` seeds each (one shard when it is None)."""
+    size = shard_size or num_seeds
+    return [slice(start, min(start + size, num_seeds)) for start in range(0, num_seeds, size)]
+
+
+def gather_samples(shards: str | os.PathLike, outdir: str | os.PathLike, seeds: Sequence[int], *,
+                   labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None, shard_size: int,
+                   subdirs: bool = True, overwrite: bool = False) -> Path:
+    """The sample folder of ``seeds`` from the shard folders ``shards/0``, ``shards/1``, … (each written by
+    :func:`write_samples` for its slice of the seeds, conditions cycled by position in the whole list): every shard
+    must be there with exactly its seeds, conditions and readable PNGs. The result is the same folder as an
+    unsharded run, its PNGs hard-linked from the shards (no bytes copied, where the file system allows)."""
+    shards, outdir = Path(shards), Path(outdir)
+    check_sample_dir(outdir, overwrite)
+    expected = _manifest_rows(seeds, labels, prompts, subdirs)
+    pieces = shard_slices(len(seeds), shard_size)
+    for i, part in enumerate(pieces):
+        folder = shards / str(i)
+        manifest = folder / "samples.csv"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"sample shard {i} of {len(pieces)} missing: {manifest} does not exist")
+        if manifest.read_text() != _csv([MANIFEST_HEADER, *expected[part]]):
+            raise ValueError(f"{manifest} does not list shard {i}'s seeds {seeds[part.start]}…"
+                             f"{seeds[part.stop - 1]} with their conditions (made for another config?)")
+        for row in expected[part]:
+            try:
+                with Image.open(folder / row[3]) as img:
+                    img.load()   # a truncated PNG fails here, not in the evaluation
+            except (OSError, SyntaxError) as e:
+                raise ValueError(f"sample shard {i}: {folder / row[3]} is missing or unreadable ({e})") from None
+    tmp = outdir.with_name(f".{outdir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for i, part in enumerate(pieces):
+            for row in expected[part]:
+                (tmp / row[3]).parent.mkdir(parents=True, exist_ok=True)
+                link_or_copy(shards / str(i) / row[3], tmp / row[3])
+        write_manifest(tmp, seeds, labels=labels, prompts=prompts, subdirs=subdirs)
+        replace_dir(tmp, outdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return outdir
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import schedules
 from .backbones import Backbone, load_backbone
 from .data import parse_labels, parse_seeds, read_prompts, seed_count
-from .io import read_json_header, replace_dir, sha256
+from .io import atomic_write, link_or_copy, read_json_header, replace_dir, sha256
 from .options import Field
 from .solvers import TEACHERS
 
@@ -48,12 +48,17 @@ class TeacherOptions:
     prompts: Annotated[str | None, Field(min_length=1, description="prompt file cycled over the seeds (text-to-image; "
                                          ".txt or .csv with a text column)", json_schema_extra={"flag": "--prompt-file"})] = None
     batch: Annotated[int, Field(ge=1, description="trajectories per batch")] = 500
-    shard_size: Annotated[int, Field(ge=1, description="trajectories per safetensors shard")] = 1000
+    shard_size: Annotated[int | None, Field(ge=1, description="trajectories per shard: one safetensors file, and in "
+                                                             "the pipeline one job each (a multiple of batch; none: "
+                                                             "one shard)")] = None
 
     def __post_init__(self):
         if self.labels is not None and self.prompts is not None:
             raise ValueError("give labels or prompts, not both")
         seed_count(self.seeds)
+        if self.shard_size is not None and self.shard_size % self.batch:
+            raise ValueError(f"shard_size ({self.shard_size}) must be a multiple of batch ({self.batch}), so that a "
+                             f"sharded teacher solves the same batches as an unsharded one")
         if self.labels is not None:
             parse_labels(self.labels)
 
@@ -81,14 +86,14 @@ class TeacherConfig:
     prompts: list[str] | None = None   # or text prompts cycled over the seeds (text-to-image backbones)
     schedule_args: dict[str, Any] = field(default_factory=dict)   # e.g. SD3's flow-match shift, from the backbone
     batch_size: int = TeacherOptions.batch
-    shard_size: int = TeacherOptions.shard_size
+    shard_size: int | None = TeacherOptions.shard_size
 
     def __post_init__(self):
         if self.solver not in TEACHERS:
             raise ValueError(f"teacher.solver must be one of {sorted(TEACHERS)}, got {self.solver!r}")
         if self.inserted_steps < 0:
             raise ValueError(f"teacher.inserted_steps must be >= 0, got {self.inserted_steps}")
-        if self.batch_size < 1 or self.shard_size < 1:
+        if self.batch_size < 1 or (self.shard_size is not None and self.shard_size < 1):
             raise ValueError("teacher.batch_size and teacher.shard_size must be >= 1")
         if self.labels is not None and self.prompts is not None:
             raise ValueError("give labels or prompts, not both")
@@ -161,50 +166,69 @@ def run_teacher(backbone: Backbone, cfg: TeacherConfig, x: torch.Tensor, cond) -
     return torch.stack(states, dim=1)
 
 
+def shard_ranges(cfg: TeacherConfig) -> list[range]:
+    """The positions (in the seed list) of each shard: ``shard_size`` seeds each (one shard when it is None)."""
+    n = seed_count(cfg.seeds)
+    size = cfg.shard_size or n
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _manifest(cfg: TeacherConfig, shards: list[dict], part: dict | None = None) -> dict[str, Any]:
+    manifest = {"format": FORMAT, "config": cfg.to_json(), "config_hash": cfg.hash, "backbone": cfg.backbone,
+                "sigmas": cfg.student_sigmas().tolist(), "num_samples": sum(s["count"] for s in shards),
+                "shards": shards}
+    if part is not None:
+        manifest["part"] = part
+    return manifest
+
+
+def _write_shard(cfg: TeacherConfig, backbone: Backbone, index: int, positions: range, folder: Path,
+                 progress: bool) -> dict[str, Any]:
+    """Solve the seeds at ``positions`` of the seed list (batches aligned with the whole list's) into
+    ``folder/shard-INDEX.safetensors``; returns its manifest entry."""
+    seeds = parse_seeds(cfg.seeds)
+    conds = cfg.conditions()
+    parts: dict[str, list[torch.Tensor]] = {"states": [], "seeds": [], "labels": [], "cond_ids": []}
+    starts = range(positions.start, positions.stop, cfg.batch_size)
+    for start in tqdm(starts, desc=f"teacher shard {index}", unit="batch", disable=not progress):
+        stop = min(start + cfg.batch_size, positions.stop)
+        batch = seeds[start:stop]
+        ids = (torch.full((len(batch),), -1, dtype=torch.long) if conds is None else
+               torch.arange(start, stop) % len(conds))
+        labels = torch.tensor([cfg.labels[i] for i in ids]) if cfg.labels is not None else torch.full_like(ids, -1)
+        parts["states"].append(run_teacher(backbone, cfg, backbone.noise(batch), cfg.encode(backbone, ids)).float())
+        parts["seeds"].append(torch.tensor(batch, dtype=torch.long))
+        parts["labels"].append(labels)
+        parts["cond_ids"].append(ids)
+    blob = st_save({k: torch.cat(v).contiguous() for k, v in parts.items()})
+    name = f"shard-{index:05d}.safetensors"
+    (folder / name).write_bytes(blob)
+    return {"file": name, "count": len(positions), "sha256": sha256(blob)}
+
+
 def write_teacher(cfg: TeacherConfig, out: str | os.PathLike, progress: bool = True,
-                  backbone: Backbone | None = None) -> bool:
-    """Write the teacher directory; returns False (and writes nothing) if it is already there for this config.
-    ``backbone``: the one ``cfg`` names, if the caller has it loaded already."""
+                  backbone: Backbone | None = None, shard: int | None = None) -> bool:
+    """Write the teacher folder; returns False (and writes nothing) if it is already there for this config.
+
+    ``shard``: write only that shard (``cfg.shard_size`` seeds; one job of a sharded teacher) as a folder of its own,
+    for :func:`gather_teacher`. ``backbone``: the one ``cfg`` names, if the caller has it loaded already. The folder
+    is filled under a temporary name and moved into place when complete."""
     out = Path(out)
-    if _up_to_date(out, cfg):
+    ranges = shard_ranges(cfg)
+    if shard is not None and not 0 <= shard < len(ranges):
+        raise ValueError(f"teacher shard {shard} does not exist: {seed_count(cfg.seeds)} seeds in shards of "
+                         f"{cfg.shard_size} make {len(ranges)} (0-{len(ranges) - 1})")
+    indices = range(len(ranges)) if shard is None else [shard]
+    part = None if shard is None else {"index": shard, "of": len(ranges)}
+    if _up_to_date(out, cfg, part):
         return False
     backbone = backbone or load_backbone(cfg.backbone, **cfg.backbone_options)
-    seeds = parse_seeds(cfg.seeds)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shards, buffer = [], {"states": [], "seeds": [], "labels": [], "cond_ids": []}
-
-    def flush():
-        if not buffer["seeds"]:
-            return
-        blob = st_save({k: torch.cat(v).contiguous() for k, v in buffer.items()})
-        name = f"shard-{len(shards):05d}.safetensors"
-        (tmp / name).write_bytes(blob)
-        shards.append({"file": name, "count": sum(len(s) for s in buffer["seeds"]), "sha256": sha256(blob)})
-        for v in buffer.values():
-            v.clear()
-
     try:
-        for start in tqdm(range(0, len(seeds), cfg.batch_size), desc="teacher", unit="batch", disable=not progress):
-            batch = seeds[start:start + cfg.batch_size]
-            conds = cfg.conditions()
-            ids = (torch.full((len(batch),), -1, dtype=torch.long) if conds is None else
-                   torch.arange(start, start + len(batch)) % len(conds))
-            labels = torch.tensor([cfg.labels[i] for i in ids]) if cfg.labels is not None else torch.full_like(ids, -1)
-            states = run_teacher(backbone, cfg, backbone.noise(batch), cfg.encode(backbone, ids))
-            buffer["states"].append(states.float())
-            buffer["seeds"].append(torch.tensor(batch, dtype=torch.long))
-            buffer["labels"].append(labels)
-            buffer["cond_ids"].append(ids)
-            if sum(len(s) for s in buffer["seeds"]) >= cfg.shard_size:
-                flush()
-        flush()
-        manifest = {
-            "format": FORMAT, "config": cfg.to_json(), "config_hash": cfg.hash, "backbone": backbone.name,
-            "sigmas": cfg.student_sigmas().tolist(), "num_samples": len(seeds), "shards": shards,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        shards = [_write_shard(cfg, backbone, i, ranges[i], tmp, progress) for i in indices]
+        atomic_write(tmp / "manifest.json", (json.dumps(_manifest(cfg, shards, part), indent=2) + "\n").encode())
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,12 +236,55 @@ def write_teacher(cfg: TeacherConfig, out: str | os.PathLike, progress: bool = T
     return True
 
 
-def _up_to_date(out: Path, cfg: TeacherConfig) -> bool:
+def gather_teacher(shards: str | os.PathLike, out: str | os.PathLike, expect: dict[str, Any] | None = None) -> Path:
+    """The teacher folder from the shard folders ``shards/0``, ``shards/1``, … that :func:`write_teacher` wrote one
+    job each. Every shard must be there and complete (its checksum), all of one config (which must fit ``expect``,
+    as :func:`load_teacher` checks) and of the expected seeds; the folder is then the same bytes as an unsharded run
+    (shard files hard-linked, not copied, where the file system allows). No model is loaded."""
+    shards, out = Path(shards), Path(out)
+    first = shards / "0"
     try:
-        load_manifest(out, expect_hash=cfg.hash)
-        return True
+        cfg = TeacherConfig(**load_manifest(first)["config"])
+    except (TeacherError, TypeError) as e:
+        raise TeacherError(f"teacher shard 0 is not usable: {e}") from None
+    wrong = [f"{k}: the shards have {getattr(cfg, k)!r}, the config {v!r}" for k, v in (expect or {}).items()
+             if getattr(cfg, k) != v]
+    if wrong:
+        raise TeacherError(f"the shards in {shards} were made for another config: " + "; ".join(wrong))
+    ranges = shard_ranges(cfg)
+    entries, files = [], []
+    for i, positions in enumerate(ranges):
+        folder = shards / str(i)
+        try:
+            manifest = load_manifest(folder, expect_hash=cfg.hash)
+        except TeacherError as e:
+            raise TeacherError(f"teacher shard {i} of {len(ranges)} is not usable: {e}") from None
+        (entry,) = manifest["shards"]
+        if manifest.get("part") != {"index": i, "of": len(ranges)} or entry["count"] != len(positions):
+            raise TeacherError(f"{folder} is not shard {i} of {len(ranges)} with {len(positions)} trajectories "
+                               f"(it says {manifest.get('part')}, {entry['count']})")
+        entries.append(entry)
+        files.append(folder / entry["file"])
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for f in files:
+            link_or_copy(f, tmp / f.name)
+        atomic_write(tmp / "manifest.json", (json.dumps(_manifest(cfg, entries), indent=2) + "\n").encode())
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _up_to_date(out: Path, cfg: TeacherConfig, part: dict | None = None) -> bool:
+    try:
+        manifest = load_manifest(out, expect_hash=cfg.hash)
     except TeacherError:
         return False
+    return manifest.get("part") == part and manifest["config"] == cfg.to_json()
 
 
 def load_manifest(path: str | os.PathLike, expect_hash: str | None = None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from .. import distributed, tracking
 from ..config import STAGE_SECTIONS, Config
 from ..data import parse_labels, parse_seeds, read_prompts
 from ..options import given_flags, json_object
-from ..sample import check_sample_dir, generate, save_grid, write_samples
+from ..sample import check_sample_dir, gather_samples, generate, save_grid, shard_slices, write_samples
 from ..solvers import SOLVERS, load_table
 from ..solvers.plan import check_table_use, configure_for
 from . import common
@@ -41,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     '--prompt-file)')
     p.add_argument("--grid", action="store_true", help="write one grid.png instead of one PNG per seed")
     p.add_argument("--overwrite", action="store_true", help="replace the samples an existing --outdir holds")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--shard", type=int, metavar="I",
+                       help="sample only shard I of the seeds (sample.shard_size each; one job of a sharded set)")
+    split.add_argument("--gather", metavar="DIR",
+                       help="make --outdir from the shard folders DIR/0, DIR/1, … (checked complete; no sampling)")
     p.add_argument("--backend-config", action=_BackendConfig, metavar="JSON",
                    help='backbone options as one JSON object (inline or a .json file), e.g. \'{"max_batch": 8, '
                         '"load_options": {"variant": "fp16"}}\'')
@@ -56,6 +61,22 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     seeds = parse_seeds(s.seeds)
     labels = parse_labels(s.labels) if s.labels is not None else None
     prompts = [args.prompt] if args.prompt is not None else read_prompts(s.prompts) if s.prompts else None
+    if (args.shard is not None or args.gather) and (args.grid or s.shard_size is None):
+        raise ValueError("--shard and --gather split a sample folder by sample.shard_size (set it; not with --grid)")
+    if args.gather:
+        gather_samples(args.gather, args.outdir, seeds, labels=labels, prompts=prompts, shard_size=s.shard_size,
+                       subdirs=s.subdirs, overwrite=args.overwrite)
+        print(f"{len(seeds)} samples gathered from {args.gather} -> {args.outdir}")
+        return 0
+    if args.shard is not None:   # this shard's seeds, each with the condition of its place in the whole list
+        pieces = shard_slices(len(seeds), s.shard_size)
+        if not 0 <= args.shard < len(pieces):
+            raise ValueError(f"sample shard {args.shard} does not exist: {len(seeds)} seeds in shards of "
+                             f"{s.shard_size} make {len(pieces)} (0-{len(pieces) - 1})")
+        part = pieces[args.shard]
+        labels = None if labels is None else [labels[i % len(labels)] for i in range(part.start, part.stop)]
+        prompts = None if prompts is None else [prompts[i % len(prompts)] for i in range(part.start, part.stop)]
+        seeds = seeds[part]
     if args.grid:
         common.check_writable_file(f"{args.outdir}/grid.png", "grid")
     else:

@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from workflow_util import REPO, TINY, outputs, project_copy, run
+from workflow_util import REPO, SHARDED, TINY, outputs, project_copy, run
 
 PROFILE = ["--profile", "default", "--cores", "2"]
 
@@ -133,3 +133,20 @@ def test_experiment_configs_plan(name):
     teacher = re.search(r"(?m)^Shell command: (epd teacher .*)$", out.stdout)[1]
     assert f"--config config/{name} " in teacher
     assert f"results/{cfg['experiment']}/report/summary.md" in out.stdout
+
+
+def test_sharded_teacher_gathers_and_a_bad_shard_stops_what_depends_on_it(tmp_path):
+    """One job per shard of seeds, then a gather job; a truncated shard makes the gather fail naming it, and the
+    distillation that reads the teacher does not run."""
+    root = project_copy(tmp_path, config=SHARDED)
+    out = run(root, "snakemake", *PROFILE, "--until", "teacher")
+    assert out.returncode == 0, out.stdout
+    res = root / "results" / "tiny" / "teacher"
+    assert sorted(p.name for p in (res / "nfe3.shards").iterdir()) == ["0", "1"]
+    assert sorted(p.name for p in (res / "nfe3").glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    (res / "nfe3.shards" / "1" / "shard-00001.safetensors").write_bytes(b"truncated")
+    out = run(root, "snakemake", *PROFILE, "--forcerun", "teacher", "--until", "distill")
+    assert out.returncode != 0
+    log = (root / "results" / "tiny" / "logs" / "teacher-nfe3.log").read_text()
+    assert "teacher shard 1 of 2 is not usable" in log and "shard-00001.safetensors" in log
+    assert not (root / "results" / "tiny" / "tables").exists()

@@ -2,6 +2,7 @@
 # values from the config file itself (`epd <stage> --config FILE`): the rules only name files.
 from epd.backbones import BACKBONES
 from epd.config import STAGE_SECTIONS, from_mapping, read_yaml, stamp
+from epd.data import seed_count
 
 CONFIGFILE = ([str(f) for f in workflow.overwrite_configfiles] or ["config/config.yaml"])[-1]
 if config != read_yaml(CONFIGFILE):
@@ -17,6 +18,10 @@ TABLE_SOLVERS = ["epd", "rdpo"]  # the distilled table, and the same after RDPO
 SAMPLED = [f"{s}-nfe{n}" for s in TABLE_SOLVERS for n in CFG.pipeline.nfe] + [
     f"{s}-nfe{n}" for s in CFG.pipeline.baselines for n in CFG.pipeline.baseline_nfe
 ]
+
+# Sharded stages: one job per shard of seeds (each a SLURM job with its own GPU), then a gather job.
+TEACHER_SHARDS = -(-seed_count(CFG.teacher.seeds) // (CFG.teacher.shard_size or seed_count(CFG.teacher.seeds)))
+SAMPLE_SHARDS = -(-seed_count(CFG.sample.seeds) // (CFG.sample.shard_size or seed_count(CFG.sample.seeds)))
 
 stamp(CFG)  # results/<experiment>/config/<section>.json, rewritten only when a section's content changed
 
@@ -36,3 +41,4 @@ wildcard_constraints:
     kind="|".join(TABLE_SOLVERS),
     solver="|".join(CFG.pipeline.baselines) or "(?!)",
     name=r"[a-z0-9_]+-nfe\d+",
+    shard=r"\d+",
