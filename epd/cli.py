@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from . import distributed
 
+        wanted = module.processes(cfg) if hasattr(module, "processes") else 1
+        if wanted > 1 and not distributed.launched():
+            return distributed.relaunch(wanted, ["-m", "epd.cli", *argv])
+
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import subprocess
+import sys
 from typing import Iterator, Sequence
 
 import torch
@@ -177,3 +179,10 @@ def broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
 
 __all__ = ["all_gather", "all_reduce_sum", "barrier", "broadcast_bytes", "device", "init", "is_initialized",
            "is_main", "launched", "local_rank", "rank", "session", "shutdown", "world_size"]
+
+
+def relaunch(processes: int, args: list[str]) -> int:
+    """Run ``python ARGS`` as ``processes`` processes under torchrun on this node (``--standalone``: a free port of its
+    own, so jobs sharing a node do not clash); returns its exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *args]
+    return subprocess.call(cmd)

@@ -114,7 +114,13 @@ class RDPOOptions:
                                   json_schema_extra={"flag": "--prompt-file"})] = "data/prompts/digits.txt"
     eval_samples: Annotated[int, Field(ge=0, description="after training, compare start and tuned table on this "
                                                          "many held-out seeds (0: skip)")] = 0
+    processes: Annotated[int, Field(ge=1, description="processes sharing each rollout (torchrun on one node, one GPU "
+                                                      "each: the pipeline asks SLURM for that many GPUs); the same "
+                                                      "tables as one process")] = 1
     ppo: RDPOConfig = field(default_factory=RDPOConfig)
+
+    def __post_init__(self):
+        self.ppo.check_world_size(self.processes)
 
 
 @dataclass

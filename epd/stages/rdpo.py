@@ -17,6 +17,11 @@ HELP = "fine-tune an EPD table against a reward (Dirichlet policy, PPO + RLOO)"
 SECTIONS = STAGE_SECTIONS["rdpo"]
 
 
+def processes(cfg: Config) -> int:
+    """How many processes the command runs on (epd relaunches itself under torchrun for more than one)."""
+    return cfg.rdpo.processes
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table", required=True, help="start table (the distilled one), NAME.json")
     p.add_argument("--out", required=True,

@@ -254,3 +254,32 @@ def test_a_tracked_two_process_run_is_one_mlflow_run(tmp_path):
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     _, m = _metrics(tmp_path / "rd" / "rd.metrics.csv")
     assert [m_.value for m_ in sorted(history, key=lambda h: h.step)] == pytest.approx(m[:, 1].tolist(), rel=1e-8)
+
+
+def test_the_commands_under_torchrun_equal_one_process(tmp_path):
+    """`rdpo.processes: 2` makes `epd rdpo` run itself under torchrun (2 CPU processes, gloo): the same table as one
+    process; `epd sample` launched by torchrun writes the same files as one process."""
+    from epd.cli import main
+
+    prompts = Path(TABLE).parents[2] / "data" / "prompts" / "digits.txt"
+    base = ("rdpo: {prompts: PROMPTS, ppo: {steps: 3, rollout_batch_size: 4, rloo_k: 2, minibatch_size: 2, "
+            "hidden_dim: 16, num_layers: 1, learning_rate: 0.001}").replace("PROMPTS", str(prompts))
+    for n in (1, 2):
+        (tmp_path / f"c{n}.yaml").write_text(base + f", processes: {n}}}\n")
+        assert main(["rdpo", "--config", str(tmp_path / f"c{n}.yaml"), "--table", TABLE, "--out",
+                     str(tmp_path / f"r{n}"), "--no-progress"]) == 0
+    one, two = load_table(tmp_path / "r1.json"), load_table(tmp_path / "r2.json")
+    for name in one.tensors():
+        torch.testing.assert_close(getattr(two, name), getattr(one, name), rtol=0, atol=1e-6)
+    assert not torch.equal(one.positions, load_table(TABLE).positions)
+
+    args = ["sample", "--solver", "dpmpp_2m", "--nfe", "4", "--labels", "1,2,3", "--seeds", "0-12", "--batch", "4",
+            "--no-progress"]
+    assert main([*args, "--outdir", str(tmp_path / "s1")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "epd.cli", *args, "--outdir", str(tmp_path / "s2")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.relative_to(tmp_path / "s1") for p in (tmp_path / "s1").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "s2") for p in (tmp_path / "s2").rglob("*") if p.is_file())
+    assert all((tmp_path / "s1" / f).read_bytes() == (tmp_path / "s2" / f).read_bytes() for f in files)

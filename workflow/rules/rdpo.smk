@@ -12,6 +12,6 @@ rule rdpo:
     log:
         f"{RESULTS}/logs/rdpo-nfe{{nfe}}.log",
     resources:
-        gpu=GPU,
+        gpu=GPU * CFG.rdpo.processes,  # rdpo.processes > 1: epd runs itself under torchrun, one GPU each
     shell:
         "epd rdpo --config {CONFIGFILE} --table {input.table} --out {params.stem} {TRACK} > {log} 2>&1"
