@@ -62,10 +62,12 @@ def test_user_errors_are_messages_not_tracebacks(tmp_path, capsys, argv, message
 
 
 def _rule_commands() -> dict[str, str]:
+    """Every rule's shell command (its string literals joined), from the rule files."""
     out = {}
     for path in (REPO / "workflow" / "rules").glob("*.smk"):
-        for m in re.finditer(r'(?ms)^rule (\w+):.*?^    shell:\n((?:        "[^\n]*"\n)+)', path.read_text()):
-            out[m[1]] = "".join(re.findall(r'"(.*)"', m[2]))
+        text = path.read_text()
+        for m in re.finditer(r"(?m)^(\s*)rule (\w+):\n(?:\1    .*\n|\n)*?\1    shell:\n((?:\1        .*\n)+)", text):
+            out[m[2]] = "".join(re.findall(r'"([^"]*)"', m[3]))
     return out
 
 
@@ -78,3 +80,48 @@ def test_every_rule_and_dvc_stage_is_one_epd_command():
         body = cmd.split(" > {log}")[0]
         assert body.startswith("epd ") and not re.search(r"&&|;|\|", body), (name, cmd)
         assert "--config" in body or name == "report", (name, cmd)
+
+
+# The probes of a user pushing past the first run: each refused before any work, naming the problem, nothing written.
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--outdir", "{tmp}/file.txt"], "output folder {tmp}/file.txt is a file"),
+    (["sample", "--outdir", "{tmp}/full", "--seeds", "0-1"], "output folder {tmp}/full is not empty; pass --overwrite"),
+    (["sample", "--outdir", "{tmp}/s", "--batch", "-4"], "sample.batch: Input should be greater than or equal to 1"),
+    (["sample", "--outdir", "{tmp}/s", "--seeds", "1,1,1"], "names seed 1 twice"),
+    (["sample", "--outdir", "{tmp}/s", "--prompt-file", "{tmp}/empty.txt"], "{tmp}/empty.txt lists no prompts"),
+    (["sample", "--outdir", "{tmp}/s", "--prompt-file", "{tmp}/latin1.txt"], "{tmp}/latin1.txt, line 1: not UTF-8"),
+    (["evaluate", "--samples", "{tmp}/full", "--out", "{tmp}/file.txt"], "output folder {tmp}/file.txt is a file"),
+    (["rdpo", "--table", "{tmp}/t.json", "--out", "{tmp}/r", "--reward", "realsim"], "rdpo.reward: Input should be"),
+])
+def test_bad_input_is_refused_before_any_work(tmp_path, capsys, argv, message):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.png").write_bytes(b"x")
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """As root every folder is writable, so the check is shown with os.access saying no (the check asks it)."""
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(tmp_path / "ro")) else
+                        real(p, mode))
+    (tmp_path / "ro").mkdir()
+    assert main(["sample", "--outdir", str(tmp_path / "ro" / "s"), "--no-progress"]) == 2
+    assert f"{tmp_path / 'ro'} is not writable" in capsys.readouterr().err
+
+
+def test_sampling_over_an_existing_folder_replaces_it_whole(tmp_path):
+    """--overwrite: the new samples replace the old folder whole, so no stale PNG survives beside them."""
+    args = ["sample", "--solver", "euler", "--nfe", "3", "--no-progress", "--outdir", str(tmp_path / "s")]
+    assert main([*args, "--seeds", "0-5"]) == 0
+    assert main([*args, "--seeds", "0-2", "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").rglob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    assert len((tmp_path / "s" / "samples.csv").read_text().splitlines()) == 4
