@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,6 +49,10 @@ class DistillOptions:
     final_weight: Annotated[float, Field(ge=0, description="weight of the last step's distance (the others: 1)")] = 1.0
     seed: Annotated[int, Field(ge=0, description="initialisation and batch order")] = 0
     checkpoint_every: Annotated[int, Field(ge=1, description="iterations between resumable checkpoints")] = 100
+    start_tables: Annotated[dict[int, str], Field(description="NFE -> a table to start from instead of distilling: "
+                                                              "an epd table (NAME.json) or an EPD authors' snapshot "
+                                                              "(.pkl); Snakemake then runs no teacher for that NFE")] = \
+        field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -240,4 +244,25 @@ def write_loss_curve(losses: list[float], out: Path) -> None:
     os.replace(tmp_png, png_path)
 
 
-__all__ = ["DistillConfig", "TableParams", "cosine_lr", "distill", "trajectory_loss", "write_loss_curve"]
+def adopt_table(source: str | os.PathLike, out: str | os.PathLike, nfe: int) -> SolverTable:
+    """Take a finished table as this NFE's distilled table: an epd table is checked and written again, an EPD
+    authors' snapshot imported (epd.upstream, nothing in the pickle runs); ``OUT.loss.csv`` records no iteration.
+    Refused, before anything is written, if its NFE is not ``nfe``."""
+    from .solvers import load_table
+    from .upstream import import_table
+
+    source, out = Path(source), Path(out)
+    if source.suffix in (".json", ".safetensors"):
+        table, provenance = load_table(source), {"start_table": str(source)}
+    else:
+        table, provenance = import_table(source)
+    if table.meta.nfe != nfe:
+        raise ValueError(f"{source} is a table for NFE {table.meta.nfe}, not {nfe} (distill.start_tables)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_table(table, out, provenance={**provenance, "adopted_by": "distill.start_tables"})
+    write_loss_curve([], out)
+    return table
+
+
+__all__ = ["DistillConfig", "DistillOptions", "TableParams", "adopt_table", "cosine_lr", "distill", "trajectory_loss",
+           "write_loss_curve"]

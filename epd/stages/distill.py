@@ -6,7 +6,7 @@ import dataclasses
 
 from .. import tracking
 from ..config import STAGE_SECTIONS, Config
-from ..distill import DistillConfig, distill
+from ..distill import DistillConfig, adopt_table, distill
 from . import common
 
 HELP = "fit an EPD table to teacher trajectories"
@@ -22,6 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     common.check_writable_file(f"{args.out}.json", "table")
+    start = cfg.distill.start_tables.get(args.nfe)
+    if start is not None:   # a finished table instead of a distillation (the teacher is not read)
+        table = adopt_table(start, args.out, args.nfe)
+        print(f"wrote {args.out}.json: {start} as the table for NFE {args.nfe} (distill.start_tables)")
+        return 0
     run_cfg = DistillConfig(**dataclasses.asdict(cfg.distill), nfe=args.nfe)
     table = distill(args.teacher, args.out, run_cfg, progress=not args.no_progress)
     meta = table.meta

@@ -150,3 +150,19 @@ def test_sharded_teacher_gathers_and_a_bad_shard_stops_what_depends_on_it(tmp_pa
     log = (root / "results" / "tiny" / "logs" / "teacher-nfe3.log").read_text()
     assert "teacher shard 1 of 2 is not usable" in log and "shard-00001.safetensors" in log
     assert not (root / "results" / "tiny" / "tables").exists()
+
+
+def test_a_start_table_replaces_teacher_and_distillation(tmp_path):
+    """distill.start_tables names a finished table (e.g. a published one) for an NFE: no teacher job for it, the
+    distill job takes that table, and RDPO, sampling and evaluation follow as for a distilled one."""
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["pipeline"]["nfe"] = [3, 5]
+    cfg["distill"]["start_tables"] = {5: str(REPO / "data" / "tables" / "epd-time_uniform-nfe5.json")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    root = project_copy(tmp_path / "p", config=tmp_path / "c.yaml")
+    jobs = dry_run_jobs(root)
+    assert jobs["teacher"] == 1 and jobs["distill"] == 2 and jobs["rdpo"] == 2
+    out = run(root, "snakemake", *PROFILE, "--until", "distill")
+    assert out.returncode == 0, out.stdout
+    tables = root / "results" / "tiny" / "tables"
+    assert (tables / "epd-nfe5.json").exists() and not (root / "results" / "tiny" / "teacher" / "nfe5").exists()

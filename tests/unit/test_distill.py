@@ -174,3 +174,26 @@ def test_teacher_on_prompts_equals_teacher_on_their_labels(tmp_path):
     assert b["labels"].tolist() == [-1] * 6 and a["labels"].tolist() == [3, 7] * 3
     with pytest.raises(ValueError, match="labels or prompts, not both"):
         TeacherConfig(labels=[3], prompts=["a 3"], **base)
+
+
+def test_a_start_table_instead_of_a_distillation(tmp_path, capsys):
+    """distill.start_tables: the NFE's table is a finished one (an epd table, or an EPD authors' snapshot), checked
+    and written as the distilled table, without reading any teacher; a table of another NFE is refused."""
+    import torch
+
+    from epd.cli import main
+    from upstream_pickles import write_snapshot
+
+    shipped = "data/tables/epd-time_uniform-nfe3.json"
+    root = __import__("pathlib").Path(__file__).parents[2]
+    snapshot = write_snapshot(tmp_path / "up.pkl", {"num_steps": 4}, t_steps=torch.tensor([80.0, 5.0, 0.3, 0.002]))
+    (tmp_path / "c.yaml").write_text(f"distill: {{start_tables: {{3: {root / shipped}, 5: {snapshot}, 7: {snapshot}}}}}\n")
+    args = ["distill", "--config", str(tmp_path / "c.yaml"), "--teacher", str(tmp_path / "no-teacher"), "--no-progress"]
+    assert main([*args, "--nfe", "3", "--out", str(tmp_path / "t3")]) == 0
+    a, b = load_table(root / shipped), load_table(tmp_path / "t3.json")
+    assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in a.tensors()) and a.meta == b.meta
+    assert (tmp_path / "t3.loss.csv").read_text() == "iteration,loss\n"
+    assert main([*args, "--nfe", "5", "--out", str(tmp_path / "t5")]) == 0
+    assert load_table(tmp_path / "t5.json").meta.afs_convention == "upstream"
+    assert main([*args, "--nfe", "7", "--out", str(tmp_path / "t7")]) == 2
+    assert "is a table for NFE 5, not 7" in capsys.readouterr().err and not (tmp_path / "t7.json").exists()
