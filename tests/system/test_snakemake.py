@@ -122,6 +122,16 @@ def test_tiny_pipeline_run_noop_forcerun_and_config_change(tmp_path):
     assert dry_run_jobs(root) == {"rdpo": 1, "sample_table": 2, "sample_baseline": 1, "evaluate": 3, "report": 1,
                                   "all": 1, "total": 9}
 
+    # Fewer RDPO steps than the finished run: RDPO and what depends on it rerun, and the table is trained for the
+    # lower count (the longer run's checkpoint kept aside), not refused after Snakemake deleted the outputs.
+    cfg["rdpo"]["ppo"]["steps"] = 1
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    fewer = run(root, "snakemake", *PROFILE)
+    assert fewer.returncode == 0, fewer.stdout
+    with open(res / "tables" / "rdpo-nfe3.metrics.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1"]
+    assert len(list((res / "tables").glob("rdpo-nfe3.ckpt-*-step2.safetensors"))) == 1
+
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.yaml") if p.name != "config.yaml"))
 def test_experiment_configs_plan(name):
