@@ -10,7 +10,7 @@ import time
 import mlflow
 import yaml
 
-from workflow_util import BIN, TINY, env, project_copy, run
+from workflow_util import BIN, env, project_copy, run
 
 PROFILE = ["--profile", "default", "--cores", "2"]
 
