@@ -16,6 +16,7 @@ from .baselines import (
 )
 from .common import Denoiser, to_d
 from .epd import sample_epd
+from .reference import reference_error, sample_reference, solve_reference
 from .table import SolverTable, TableError, TableMeta, handset_table, load_table, save_table
 
 # Baselines by name. Each is f(denoiser, x, sigmas, *, cond=None, callback=None, afs=False).
@@ -35,18 +36,19 @@ TWO_CALLS_PER_STEP = {"heun", "dpm2", "epd"}
 def nfe(solver: str, num_points: int, *, ends_at_zero: bool = False, afs: bool = False) -> int:
     """Sequential denoiser calls for a grid of ``num_points`` (counting a trailing 0 if ``ends_at_zero``).
 
-    Heun and DPM-Solver-2 take a first-order step into σ = 0 (one call); EPD's K parallel calls count once.
+    Heun and DPM-Solver-2 take a first-order step into σ = 0 (one call); EPD's K parallel calls count once; the
+    reference is DPM-Solver++(3M), one call per step.
     """
     steps = num_points - 1
     if solver in TWO_CALLS_PER_STEP:
         return 2 * steps - int(ends_at_zero) - int(afs)
-    if solver in BASELINES:
+    if solver in BASELINES or solver == "reference":
         return steps - int(afs)
-    raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(BASELINES) + ['epd']}")
+    raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(BASELINES) + ['epd', 'reference']}")
 
 
 __all__ = [
     "BASELINES", "Denoiser", "SolverTable", "TableError", "TableMeta", "handset_table", "load_table", "nfe",
-    "sample_dpm2", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_epd", "sample_euler", "sample_heun",
-    "sample_ipndm", "sample_unipc", "save_table", "to_d",
+    "reference_error", "sample_dpm2", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_epd", "sample_euler",
+    "sample_heun", "sample_ipndm", "sample_reference", "sample_unipc", "save_table", "solve_reference", "to_d",
 ]

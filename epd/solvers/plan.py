@@ -7,6 +7,8 @@ One rule per solver family, so that ``epd sample --nfe`` and the benchmark compa
   σ_min, as in the EPD and AMED papers;
 - Heun: EDM's recipe, the grid ends in 0 and the step into it is Euler (the trapezoid is undefined at σ = 0);
   AFS for even NFE.
+
+The reference solver is not budgeted: ``configure("reference", steps=...)`` (see :mod:`epd.solvers.reference`).
 """
 from __future__ import annotations
 
@@ -68,23 +70,32 @@ class Configured:
         return count(base, len(self.sigmas), ends_at_zero=ends_at_zero, afs=self.afs)
 
     def __call__(self, denoiser, x: torch.Tensor, cond=None, callback=None) -> torch.Tensor:
-        from . import BASELINES, sample_epd
+        from . import BASELINES, sample_epd, sample_reference
 
         if self.table is not None:
             return sample_epd(denoiser, x, self.sigmas, self.table, cond=cond, callback=callback)
-        return BASELINES[self.name](denoiser, x, self.sigmas, cond=cond, callback=callback, afs=self.afs)
+        fn = sample_reference if self.name == "reference" else BASELINES[self.name]
+        return fn(denoiser, x, self.sigmas, cond=cond, callback=callback, afs=self.afs)
 
 
-def configure(solver: str, nfe: int | None = None, *, schedule: str = "polynomial", sigma_min: float = 0.002,
+def configure(solver: str, nfe: int | None = None, *, schedule: str | None = None, sigma_min: float = 0.002,
               sigma_max: float = 80.0, rho: float = 7.0, table: SolverTable | None = None,
-              num_points: int = 2, schedule_args: dict | None = None, **table_meta) -> Configured:
-    """Bind a solver to a grid. ``solver`` is a baseline name, ``"epd"`` or ``"epd_plugin"``.
+              num_points: int = 2, schedule_args: dict | None = None, steps: int | None = None,
+              **table_meta) -> Configured:
+    """Bind a solver to a grid. ``solver`` is a baseline name, ``"epd"``, ``"epd_plugin"`` or ``"reference"``.
 
-    EPD takes ``table`` (its metadata fixes grid and NFE) or, without one, a hand-set table of ``num_points``
-    built for ``nfe`` on the given schedule.
+    ``schedule`` defaults to ``"polynomial"``. EPD takes ``table`` (its metadata fixes grid and NFE) or, without
+    one, a hand-set table of ``num_points`` built for ``nfe`` on the given schedule. The reference
+    (:mod:`epd.solvers.reference`) is set by ``steps``, its grid points uniform in log σ (default: per backbone,
+    from ``backbone=`` among ``table_meta``), not by an NFE.
     """
     from .table import handset_table
 
+    if solver == "reference":
+        return _configure_reference(nfe, schedule, table, steps, sigma_min, sigma_max, table_meta.get("backbone"))
+    if steps is not None:
+        raise ValueError(f"steps= sets the reference solver's grid; {solver} is set by nfe")
+    schedule = schedule or "polynomial"
     schedule_args = schedule_args or {}
     if solver in ("epd", "epd_plugin"):
         if table is None:
@@ -102,3 +113,17 @@ def configure(solver: str, nfe: int | None = None, *, schedule: str = "polynomia
     plan = plan_for_nfe(solver, nfe)
     sigmas = grid_for(plan, schedule, sigma_min, sigma_max, rho, **schedule_args)
     return Configured(solver, sigmas, plan.afs)
+
+
+def _configure_reference(nfe, schedule, table, steps, sigma_min, sigma_max, backbone) -> Configured:
+    from .reference import reference_grid, reference_steps
+
+    if nfe is not None:
+        raise ValueError(f"the reference solver is set by steps (grid points), not nfe (got nfe={nfe}); its default "
+                         f"for {backbone or 'this backbone'} is {reference_steps(backbone)} steps")
+    if schedule not in (None, "logsnr"):
+        raise ValueError(f"the reference solver's grid is uniform in log σ, not schedule {schedule!r}")
+    if table is not None:
+        raise ValueError("the reference solver takes no table")
+    steps = reference_steps(backbone) if steps is None else steps
+    return Configured("reference", reference_grid(steps, sigma_min, sigma_max), afs=False)
