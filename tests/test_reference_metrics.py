@@ -1,4 +1,5 @@
-"""Solver-accuracy metrics against a reference folder: each against a known answer, and the pairing by seed."""
+"""Solver-accuracy metrics against a reference folder: each against a known answer, the pairing by seed, and
+``evaluate(..., reference=DIR)`` agreeing with the benchmark on the same samples."""
 from __future__ import annotations
 
 import csv
@@ -160,3 +161,21 @@ def test_evaluate_refuses_before_writing(folders, tmp_path):
     with pytest.raises(ValueError, match="seed 3: label 3 in .*, 8 in .*bad"):
         evaluate(folders["euler"], ALL, out, reference=bad, backbone="gmm-digits", progress=False)
     assert not out.exists()
+
+
+def test_evaluate_agrees_with_the_benchmark(folders, tmp_path):
+    """The benchmark's accuracy columns are what evaluate reports for the two sample folders (up to 8-bit rounding:
+    the benchmark decodes float64 states, sampling float32 ones)."""
+    from epd.benchmark import BenchConfig, run_benchmark
+
+    cfg = BenchConfig(solvers=["euler"], schedules=["logsnr"], nfes=[3], num_samples=100, seed_sets=1,
+                      reference_steps=32, reference_check=20, batch_size=100)
+    rows, _info = run_benchmark(cfg, progress=False)
+    summary = evaluate(folders["euler"], ALL, tmp_path / "e", reference=folders["reference"], backbone="gmm-digits",
+                       progress=False)
+    row = rows[0]
+    assert summary["rms_to_reference"]["mean"] == pytest.approx(row["rms_to_reference"], rel=1e-4)
+    assert summary["mode_agreement"]["mean"] == pytest.approx(row["mode_agreement"], abs=0.011)   # one sample
+    for m in ("fd_to_reference", "fd_digits_to_reference"):
+        assert summary[m]["value"] == pytest.approx(row[m], rel=1e-4)
+    assert row["fd_to_reference"] > 0.1 and row["mode_agreement"] < 0.5            # NFE 3 Euler is far off
