@@ -68,6 +68,7 @@ class BenchConfig:
     tables: list[str] = field(default_factory=list)
     num_samples: int = 10_000                          # per seed set
     seed_sets: int = 2
+    first_seed: int = 0                                # seed set k is first_seed + [k·num_samples, (k+1)·num_samples)
     labels: list[int] | None = field(default_factory=lambda: list(range(10)))  # cycled over seeds; None: uncond.
     batch_size: int = 10_000
     reference_steps: int | None = None                 # None: REFERENCE_STEPS of the backbone
@@ -201,7 +202,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> tuple[list[dict], 
                                     **{f"reference_{m}": [] for m in ACCURACY_METRICS}}
     cells = _cells(cfg, backbone)
     for k in range(cfg.seed_sets):
-        seeds = range(k * cfg.num_samples, (k + 1) * cfg.num_samples)
+        seeds = range(cfg.first_seed + k * cfg.num_samples, cfg.first_seed + (k + 1) * cfg.num_samples)
         noise = backbone.noise(seeds, dtype=torch.float64)
         ref_min, ref_zero = reference_solution(backbone, noise, cfg.steps(), cfg.batch_size, cond)
         # The reference's own error: the same noise (a subset) with twice the steps.
@@ -297,8 +298,9 @@ def format_report(rows: list[dict], info: dict, cfg: BenchConfig) -> str:
     floor = info["fd_floor"]
     check = min(cfg.reference_check, cfg.num_samples)
     conditioning = "unconditional" if cfg.labels is None else f"labels {','.join(map(str, cfg.labels))} cycled"
+    last = cfg.first_seed + cfg.seed_sets * cfg.num_samples - 1
     out.write(f"# Solver benchmark: {cfg.backbone} {cfg.backbone_options or ''}, {cfg.num_samples} samples "
-              f"× {cfg.seed_sets} seed sets, {conditioning}\n\n")
+              f"× {cfg.seed_sets} seed sets (seeds {cfg.first_seed}-{last}), {conditioning}\n\n")
     out.write(f"- reference: DPM-Solver++(3M), {cfg.steps()} steps uniform in log σ; its FD floor (pixel FD to the "
               f"data): {_series(floor, '{:.4f}')}; its FD-digits {_series(info['reference_fd_digits'], '{:.3f}')}; "
               f"label accuracy {_series(info['reference_label_acc'], '{:.4f}')} (per seed set)\n")

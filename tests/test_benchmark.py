@@ -128,6 +128,17 @@ def test_unconditional_run_has_no_label_accuracy(tmp_path):
     assert "## Label accuracy" not in report and "unconditional" in report
 
 
+def test_first_seed_moves_the_seed_sets():
+    """Seed set 1 of a run from seed 0 is seed set 0 of a run from seed num_samples."""
+    common = dict(solvers=["euler"], schedules=["logsnr"], nfes=[5], num_samples=40, reference_steps=32,
+                  reference_check=10, batch_size=40)
+    both, _ = run_benchmark(BenchConfig(seed_sets=2, **common), progress=False)
+    second, info = run_benchmark(BenchConfig(seed_sets=1, first_seed=40, **common), progress=False)
+    for metric in ("rms", "fd_to_reference", "fd_digits", "mode_agreement"):
+        assert second[0][metric] == both[1][metric] != both[0][metric]
+    assert "seeds 40-79" in format_report(second, info, BenchConfig(seed_sets=1, first_seed=40, **common))
+
+
 def test_class_balanced_weights_and_stats(gmm):
     """Labels cycling 0-9 weigh each class 1/10, spread uniformly over its points; the stats are those moments."""
     labels = cycled_labels(list(range(10)), 1000)
