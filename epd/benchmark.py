@@ -264,7 +264,7 @@ def _aggregate(rows: list[dict], metric: str) -> dict[tuple[str, str, int], tupl
 # The printed tables, by section: solver accuracy first (the headline), then the samples against the data (which
 # measure model and solver together), then the state-space figures. Each metric: (title, number format).
 SECTIONS = {
-    "Solver accuracy: against the reference solution of the same seeds and labels (8-bit images)": {
+    "Solver accuracy: against the reference solution of the same seeds and conditions (8-bit images)": {
         "fd_to_reference": (("FD to the reference: pixel-space Fréchet distance to the reference's images "
                              "(lower is better)"), "{:.3g}"),
         "rms_to_reference": ("RMS to the reference: per-image RMS pixel difference, [0, 1] units (lower is better)",
