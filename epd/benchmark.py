@@ -27,12 +27,14 @@ and, measuring model and solver together or in the backbone's state space:
 
 The reference is :mod:`epd.solvers.reference` (``gmm-digits``: the exact ODE; ``unet-digits``: the network's ODE,
 there being no exact solution for a learned denoiser); its own error, estimated against a run with twice the steps,
-is printed beside the tables, in state space and as the accuracy metrics of the reference against the finer run.
+is printed beside the tables, in state space and as the accuracy metrics of the reference against the finer run
+(``benchmark.reference.json`` holds these figures per seed set).
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -184,7 +186,7 @@ def solver_accuracy(images: torch.Tensor, ref: ReferenceImages, data_pixels: Dat
     }
 
 
-ACCURACY_METRICS = ("fd_to_reference", "fd_digits_to_reference", "rms_to_reference", "mode_agreement")
+ACCURACY_METRICS = ("fd_to_reference", "rms_to_reference", "mode_agreement", "fd_digits_to_reference")
 
 
 def run_benchmark(cfg: BenchConfig, progress: bool = True) -> tuple[list[dict], dict]:
@@ -291,8 +293,9 @@ HEADLINE = "fd_to_reference"
 
 
 def format_report(rows: list[dict], info: dict, cfg: BenchConfig) -> str:
-    """Markdown: each solver on its best grid per NFE by FD to the reference, then one table per metric over every
-    solver@grid (the accuracy tables end with the reference's own row: itself against twice the steps)."""
+    """Markdown: per NFE, each solver on its best grid by FD to the reference with its accuracy and quality figures;
+    then one table per metric over every solver@grid (the accuracy tables end with the reference's own row: itself
+    against twice the steps)."""
     out = io.StringIO()
     nfes = sorted({r["nfe"] for r in rows})
     floor = info["fd_floor"]
@@ -312,18 +315,7 @@ def format_report(rows: list[dict], info: dict, cfg: BenchConfig) -> str:
               " (Heun ends at 0 and is compared there)\n")
     out.write("- cells: mean over seed sets ± half their range\n\n")
     solvers = list(dict.fromkeys(r["solver"] for r in rows))
-    headline = _aggregate(rows, HEADLINE)
-    title, fmt = METRICS[HEADLINE]
-    out.write(f"## Best grid per solver and NFE, by {HEADLINE}\n\n{title}.\n\n")
-    out.write("| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |\n|---|" + "---|" * len(nfes) + "\n")
-    for solver in solvers:
-        cells = []
-        for n in nfes:
-            grids = [g for (s, g, nn) in headline if s == solver and nn == n]
-            best = min(grids, key=lambda g: headline[(solver, g, n)][0], default=None)
-            cells.append("–" if best is None else f"{_cell(headline[(solver, best, n)], fmt)} ({best})")
-        out.write(f"| {solver} | " + " | ".join(cells) + " |\n")
-    out.write(_reference_row(info, HEADLINE, fmt, nfes, cfg))
+    out.write(_headline(rows, info, cfg, nfes, solvers))
     for section, metrics in SECTIONS.items():
         out.write(f"\n## {section}\n")
         for metric, (title, fmt) in metrics.items():
@@ -339,6 +331,38 @@ def format_report(rows: list[dict], info: dict, cfg: BenchConfig) -> str:
                     out.write(f"| {solver}@{grid} | " + " | ".join(cells) + " |\n")
             if metric in ACCURACY_METRICS:
                 out.write(_reference_row(info, metric, fmt, nfes, cfg))
+    return out.getvalue()
+
+
+HEADLINE_COLUMNS = (*ACCURACY_METRICS, "fd_digits", "label_acc")
+
+
+def _headline(rows: list[dict], info: dict, cfg: BenchConfig, nfes: list[int], solvers: list[str]) -> str:
+    """Per NFE: each solver on the grid with the lowest fd_to_reference, its accuracy metrics beside the figures
+    against the data; the reference's row holds its error against twice the steps and its own quality."""
+    agg = {m: _aggregate(rows, m) for m in HEADLINE_COLUMNS}
+    columns = [m for m in HEADLINE_COLUMNS if not all(np.isnan(v[0]) for v in agg[m].values())]
+    ref_info = {**{m: info[f"reference_{m}"] for m in ACCURACY_METRICS},
+                "fd_digits": info["reference_fd_digits"], "label_acc": info["reference_label_acc"]}
+    out = io.StringIO()
+    out.write(f"## Headline: each solver on its best grid by {HEADLINE}\n\n"
+              "Solver accuracy (against the reference solution of the same seeds and conditions): "
+              + ", ".join(f"{m} ({'higher' if m == 'mode_agreement' else 'lower'} is better)"
+                          for m in ACCURACY_METRICS)
+              + ". Model and solver together (against the data): fd_digits, label_acc. The reference's row: its "
+                "accuracy against twice its steps, and its own fd_digits and label_acc.\n")
+    for n in nfes:
+        out.write(f"\n### NFE {n}\n\n| solver | grid | " + " | ".join(columns) + " |\n|---|---|"
+                  + "---|" * len(columns) + "\n")
+        for solver in solvers:
+            grids = [g for (s, g, nn) in agg[HEADLINE] if s == solver and nn == n]
+            if not grids:
+                continue
+            best = min(grids, key=lambda g: agg[HEADLINE][(solver, g, n)][0])
+            cells = [_cell(agg[m][(solver, best, n)], METRICS[m][1]) for m in columns]
+            out.write(f"| {solver} | {best} | " + " | ".join(cells) + " |\n")
+        cells = [_cell((float(np.mean(ref_info[m])), float(np.ptp(ref_info[m]) / 2)), METRICS[m][1]) for m in columns]
+        out.write(f"| reference | logsnr, {cfg.steps()} vs {2 * cfg.steps()} steps | " + " | ".join(cells) + " |\n")
     return out.getvalue()
 
 
@@ -360,14 +384,18 @@ def _cell(value: tuple[float, float] | None, fmt: str) -> str:
     return f"{fmt.format(mean)} ± {fmt.format(noise)}"
 
 
-def write_outputs(rows: list[dict], report: str, outdir: Path) -> None:
-    """``benchmark.csv`` (every cell and seed set) and ``benchmark.md`` (the printed report), written atomically."""
+def write_outputs(rows: list[dict], report: str, outdir: Path, info: dict | None = None) -> None:
+    """``benchmark.csv`` (every cell and seed set), ``benchmark.md`` (the printed report) and, given ``info``,
+    ``benchmark.reference.json`` (the reference's figures per seed set), written atomically."""
     outdir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    for name, text in (("benchmark.csv", buf.getvalue()), ("benchmark.md", report)):
+    files = [("benchmark.csv", buf.getvalue()), ("benchmark.md", report)]
+    if info is not None:
+        files.append(("benchmark.reference.json", json.dumps(info, indent=2) + "\n"))
+    for name, text in files:
         tmp = outdir / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, outdir / name)
@@ -376,14 +404,14 @@ def write_outputs(rows: list[dict], report: str, outdir: Path) -> None:
 def main(cfg: BenchConfig, outdir: Path, progress: bool = True) -> str:
     rows, info = run_benchmark(cfg, progress=progress)
     report = format_report(rows, info, cfg)
-    write_outputs(rows, report, outdir)
+    write_outputs(rows, report, outdir, info)
     log_results(rows, info, outdir)
     return report
 
 
 def log_results(rows: list[dict], info: dict, outdir: Path) -> None:
     """Every cell's seed-set mean as an MLflow metric (``SOLVER.GRID.nfeN.METRIC``), the reference figures, and
-    the two files (no-ops unless the CLI opened a run)."""
+    the files (no-ops unless the CLI opened a run)."""
     from . import tracking
 
     metrics = {f"reference.{k}": float(np.mean(v)) for k, v in info.items()}
@@ -392,7 +420,7 @@ def log_results(rows: list[dict], info: dict, outdir: Path) -> None:
             if not np.isnan(mean):
                 metrics[f"{solver}.{grid}.nfe{nfe}.{metric}"] = mean
     tracking.log_metrics(metrics)
-    for name in ("benchmark.csv", "benchmark.md"):
+    for name in ("benchmark.csv", "benchmark.md", "benchmark.reference.json"):
         tracking.log_artifact(outdir / name)
 
 

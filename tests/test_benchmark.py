@@ -1,5 +1,6 @@
 """The solver benchmark's pieces: Fréchet distance, the exact reference, and a tiny end-to-end run."""
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -70,9 +71,12 @@ def test_tiny_benchmark_run(tmp_path):
     for r in rows:   # pixels are half the state's scale; clipping only shrinks differences, rounding adds ≤ 1/255
         assert float(r["rms_to_reference"]) <= float(r["rms"]) / 2 + 1 / 255
     assert "NFE 3" in report and "dpmpp_2m@logsnr" in report
-    assert report.index("## Best grid per solver and NFE, by fd_to_reference") < report.index("## Solver accuracy") \
-        < report.index("### FD to the reference") < report.index("## Samples against the data")
-    assert "| reference: 64 vs 128 steps |" in report
+    assert report.index("## Headline: each solver on its best grid by fd_to_reference") < report.index("### NFE 3") \
+        < report.index("## Solver accuracy") < report.index("### FD to the reference") \
+        < report.index("## Samples against the data")
+    assert "| reference | logsnr, 64 vs 128 steps |" in report and "| reference: 64 vs 128 steps |" in report
+    info = json.loads((tmp_path / "benchmark.reference.json").read_text())
+    assert len(info["reference_rms_to_reference"]) == 2 and info["reference_mode_agreement"] == [1.0, 1.0]
     assert "## FD-digits" in report and "## Label accuracy" in report and "labels 0,1,2,3,4,5,6,7,8,9 cycled" in report
     assert (tmp_path / "benchmark.md").read_text() == report
 
