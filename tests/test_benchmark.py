@@ -134,8 +134,8 @@ def test_unconditional_run_has_no_label_accuracy(tmp_path):
 
 def test_first_seed_moves_the_seed_sets():
     """Seed set 1 of a run from seed 0 is seed set 0 of a run from seed num_samples."""
-    common = dict(solvers=["euler"], schedules=["logsnr"], nfes=[5], num_samples=40, reference_steps=32,
-                  reference_check=10, batch_size=40)
+    common = {"solvers": ["euler"], "schedules": ["logsnr"], "nfes": [5], "num_samples": 40, "reference_steps": 32,
+              "reference_check": 10, "batch_size": 40}
     both, _ = run_benchmark(BenchConfig(seed_sets=2, **common), progress=False)
     second, info = run_benchmark(BenchConfig(seed_sets=1, first_seed=40, **common), progress=False)
     for metric in ("rms", "fd_to_reference", "fd_digits", "mode_agreement"):
