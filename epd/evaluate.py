@@ -142,6 +142,13 @@ class _Reference:
         if "fd_to_reference" in metrics and first[0].numel() > MAX_PIXEL_FD_DIM:
             raise ValueError(f"fd_to_reference fits a pixel-space covariance: {first[0].numel()}-pixel images are "
                              f"too large (at most {MAX_PIXEL_FD_DIM}); use fid")
+        if "fd_digits_to_reference" in metrics:
+            from .metrics.digits import load_digit_classifier
+
+            side = load_digit_classifier().cfg.resolution
+            if tuple(first.shape[1:]) != (1, side, side):
+                raise ValueError(f"fd_digits_to_reference reads grey {side}×{side} digit images; {folder} holds "
+                                 f"{tuple(first.shape[1:])} images")
         self.data = None
         if "mode_agreement" in metrics:
             if backbone is None:

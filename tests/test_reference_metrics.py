@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from epd.backbones import load_backbone
 from epd.evaluate import evaluate
 from epd.metrics.reference import (
     fd_digits_to_reference,
@@ -160,6 +161,12 @@ def test_evaluate_refuses_before_writing(folders, tmp_path):
         (bad / path).write_bytes((folders["reference"] / path).read_bytes())
     with pytest.raises(ValueError, match="seed 3: label 3 in .*, 8 in .*bad"):
         evaluate(folders["euler"], ALL, out, reference=bad, backbone="gmm-digits", progress=False)
+    big = _folder(load_backbone("gmm-digits", resolution=16), configure("euler", 3, schedule="logsnr"), [0, 1], [0],
+                  tmp_path / "big")                                         # 16×16 images: no digit-classifier input
+    with pytest.raises(ValueError, match="fd_digits_to_reference reads grey 8×8 digit images"):
+        evaluate(big, ["fd_digits_to_reference"], out, reference=big, progress=False)
+    with pytest.raises(ValueError, match="holds 256-pixel images, gmm-digits's data points have 64"):
+        evaluate(big, ["mode_agreement"], out, reference=big, backbone="gmm-digits", progress=False)
     assert not out.exists()
 
 
