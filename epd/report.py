@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .evaluate import HIGHER_IS_BETTER, SOLVER_ACCURACY
 from .io import atomic_write
 
 RUN_NAME = re.compile(r"^(?P<solver>[A-Za-z0-9_]+)-nfe(?P<nfe>\d+)$")
+REFERENCE = "reference"   # the folder of the reference solver's samples: its row is the floor, not a contender
 OUTPUTS = ("summary.md", "summary.csv", "quality_vs_nfe.png", "curves.png", "grids.png")
 GRID_IMAGES = 10  # samples per solver row in grids.png
 LEARNED = ("epd", "rdpo")  # the pipeline's own tables: listed before the baselines
@@ -28,15 +30,19 @@ LEARNED = ("epd", "rdpo")  # the pipeline's own tables: listed before the baseli
 
 @dataclass(frozen=True)
 class Row:
-    """One evaluated sample folder: its solver, NFE and ``{metric: {"mean", "std", "n"} | {"value"}}``."""
+    """One evaluated sample folder: its solver, NFE (None for the reference) and ``{metric: {"mean", "std", "n"} |
+    {"value"}}``."""
 
     solver: str
-    nfe: int
+    nfe: int | None
     metrics: dict[str, dict[str, float]]
 
 
-def parse_run_name(name: str, what: Path) -> tuple[str, int]:
-    """``"epd-nfe5"`` → ``("epd", 5)``; anything else is refused naming the path."""
+def parse_run_name(name: str, what: Path) -> tuple[str, int | None]:
+    """``"epd-nfe5"`` → ``("epd", 5)``, ``"reference"`` → ``("reference", None)``; anything else is refused naming
+    the path."""
+    if name == REFERENCE:
+        return REFERENCE, None
     m = RUN_NAME.match(name)
     if m is None:
         raise ValueError(f"{what}: cannot tell solver and NFE from {name!r}; expected a name like 'epd-nfe5'")
@@ -59,32 +65,73 @@ def read_summaries(paths: Sequence[str | os.PathLike]) -> list[Row]:
                                                      for v in metrics.values()):
             raise ValueError(f"{path}: expected {{metric: {{'mean', 'std', 'n'}} or {{'value'}}}}")
         rows.append(Row(solver, nfe, metrics))
-    return sorted(rows, key=lambda r: (r.solver not in LEARNED, LEARNED.index(r.solver) if r.solver in LEARNED else 0,
-                                       r.solver, r.nfe))
+    return sorted(rows, key=lambda r: (r.solver == REFERENCE, r.solver not in LEARNED,
+                                       LEARNED.index(r.solver) if r.solver in LEARNED else 0, r.solver, r.nfe or 0))
 
 
 def metric_names(rows: Sequence[Row]) -> list[str]:
-    return list(dict.fromkeys(m for r in rows for m in r.metrics))
+    """Every metric of the rows, the solver-accuracy ones first (the headline)."""
+    names = list(dict.fromkeys(m for r in rows for m in r.metrics))
+    return [m for m in SOLVER_ACCURACY if m in names] + [m for m in names if m not in SOLVER_ACCURACY]
+
+
+def best_per_nfe(rows: Sequence[Row]) -> set[tuple[str, int | None, str]]:
+    """(solver, NFE, metric) of the best value of each metric at each NFE (the reference does not compete)."""
+    best = set()
+    for nfe in {r.nfe for r in rows if r.solver != REFERENCE}:
+        group = [r for r in rows if r.nfe == nfe and r.solver != REFERENCE]
+        for m in metric_names(rows):
+            values = [(headline(r.metrics.get(m)), r.solver) for r in group]
+            values = [(v, s) for v, s in values if not math.isnan(v)]
+            if len(values) > 1:
+                top = (max if m in HIGHER_IS_BETTER else min)(v for v, _ in values)
+                best |= {(s, nfe, m) for v, s in values if v == top}
+    return best
+
+
+def metrics_note(rows: Sequence[Row]) -> str:
+    """The line under the table: which metrics measure the solver, which the model and the solver together."""
+    names = metric_names(rows)
+    accuracy = [m for m in names if m in SOLVER_ACCURACY]
+    other = [m for m in names if m not in SOLVER_ACCURACY]
+    parts = []
+    if accuracy:
+        parts.append(f"Solver accuracy (distance to the reference solution of the same seeds and conditions): "
+                     f"{', '.join(accuracy)}.")
+    if other:
+        parts.append(f"Model and solver together (against data or by a scorer; the reference row is what the "
+                     f"converged solver scores, and beating it is not more accurate): {', '.join(other)}.")
+    return " ".join(parts) + " Bold: the best row of each NFE."
 
 
 def headline(entry: dict[str, float] | None) -> float:
     """The number a metric is ranked by: the mean of a per-image metric, the value of a set-level one."""
-    if entry is None:
-        return math.nan
-    return float(entry["mean"] if "mean" in entry else entry["value"])
+    value = None if entry is None else entry["mean"] if "mean" in entry else entry["value"]
+    return math.nan if value is None else float(value)
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    """Markdown: one row per solver × NFE, one column per metric (mean ± std for per-image metrics)."""
+def format_table(rows: Sequence[Row], reference: dict | None = None) -> str:
+    """Markdown: one row per solver × NFE, one column per metric (mean ± std for per-image metrics), the best row of
+    each NFE in bold, the reference's own row last; then the note on what the metrics measure and, given
+    ``reference`` (its reference.json), the reference's own error."""
     names = metric_names(rows)
+    best = best_per_nfe(rows)
     lines = ["| solver | NFE | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for r in rows:
         cells = []
         for m in names:
             e = r.metrics.get(m)
-            cells.append("" if e is None else f"{e['value']:.4g}" if "value" in e
-                         else f"{e['mean']:.4g} ± {e.get('std', math.nan):.2g}")
-        lines.append(f"| {r.solver} | {r.nfe} | " + " | ".join(cells) + " |")
+            text = ("" if e is None else f"{e['value']:.4g}" if "value" in e
+                    else f"{e['mean']:.4g} ± {e.get('std', math.nan):.2g}")
+            cells.append(f"**{text}**" if text and (r.solver, r.nfe, m) in best else text)
+        lines.append(f"| {r.solver} | {'—' if r.nfe is None else r.nfe} | " + " | ".join(cells) + " |")
+    lines += ["", metrics_note(rows)]
+    if reference:
+        same = "" if reference.get("same_mode") is None else f", same mode {reference['same_mode']:.4f}"
+        check = ("its own error not checked (sample.reference_check = 0)" if reference.get("rms") is None else
+                 f"against {2 * reference['steps']} steps on {reference['samples']} samples, state RMS "
+                 f"{reference['rms']:.2e}{same}")
+        lines.append(f"Reference: DPM-Solver++(3M), {reference['steps']} steps uniform in log σ; {check}.")
     return "\n".join(lines) + "\n"
 
 
@@ -104,7 +151,7 @@ def format_csv(rows: Sequence[Row]) -> str:
             e = r.metrics.get(m, {})
             keys = ("mean", "std", "n") if f"{m}_mean" in cols else ("value",)
             values += [e.get(k, "") for k in keys]
-        w.writerow([r.solver, r.nfe, *values])
+        w.writerow([r.solver, "" if r.nfe is None else r.nfe, *values])
     return buf.getvalue()
 
 
@@ -132,9 +179,12 @@ def plot_quality(rows: Sequence[Row], path: Path) -> None:
     fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(4.2 * cols, 3.2 * math.ceil(len(names) / cols)),
                              squeeze=False)
     for ax, m in zip(axes.flat, names):
-        for solver in dict.fromkeys(r.solver for r in rows):
+        for solver in dict.fromkeys(r.solver for r in rows if r.solver != REFERENCE):
             pts = [(r.nfe, headline(r.metrics.get(m))) for r in rows if r.solver == solver]
             ax.plot(*zip(*pts), marker="o", label=solver)
+        for r in rows:
+            if r.solver == REFERENCE and not math.isnan(headline(r.metrics.get(m))):
+                ax.axhline(headline(r.metrics.get(m)), color="k", ls="--", lw=1, label=REFERENCE)
         ax.set_title(m)
         ax.set_xlabel("NFE")
     for ax in axes.flat[len(names):]:
@@ -256,13 +306,15 @@ def write_report(results: str | os.PathLike, outdir: str | os.PathLike) -> str:
         sample_images(folder, 1)
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(rows)
+    ref_json = Path(results) / "samples" / REFERENCE / "reference.json"
+    table = format_table(rows, json.loads(ref_json.read_text()) if ref_json.is_file() else None)
     atomic_write(out / "summary.md", table.encode())
     atomic_write(out / "summary.csv", format_csv(rows).encode())
     plot_quality(rows, out / "quality_vs_nfe.png")
     plot_curves(curves, out / "curves.png")
     plot_grids(samples, out / "grids.png")
-    tracking.log_metrics({f"{m}/{r.solver}-nfe{r.nfe}": headline(e) for r in rows for m, e in r.metrics.items()})
+    tracking.log_metrics({f"{m}/{r.solver}" + ("" if r.nfe is None else f"-nfe{r.nfe}"): headline(e)
+                          for r in rows for m, e in r.metrics.items() if not math.isnan(headline(e))})
     for name in OUTPUTS:
         tracking.log_artifact(out / name)
     return table

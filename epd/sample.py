@@ -8,7 +8,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Iterator, Sequence
+from typing import Annotated, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,10 @@ class SampleOptions:
     subdirs: Annotated[bool, Field(description="group PNGs in folders of 1000 seeds")] = True
     shard_size: Annotated[int | None, Field(ge=1, description="seeds per job in the pipeline (a multiple of batch; "
                                                              "none: one job per sample set)")] = None
+    reference_steps: Annotated[int | None, Field(ge=16, description="the reference solver's grid points (none: the "
+                                                                   "backbone's, 512 on gmm-digits, 128 on a network)")] = None
+    reference_check: Annotated[int, Field(ge=0, description="samples the reference re-solves with twice its steps, "
+                                                            "to state its own error (reference.json)")] = 256
 
     def __post_init__(self):
         if self.labels is not None and self.prompts is not None:
@@ -135,10 +139,11 @@ def write_manifest(outdir: Path, seeds: Sequence[int], *, labels: Sequence[int] 
 
 def write_samples(backbone: Backbone, solver: Configured, seeds: Sequence[int], outdir: str | os.PathLike, *,
                   labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None, batch_size: int = 64,
-                  subdirs: bool = True, overwrite: bool = False, progress: bool = True) -> Path:
+                  subdirs: bool = True, overwrite: bool = False, progress: bool = True,
+                  extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Sample every seed into ``outdir``: one PNG per seed (:func:`png_path`) and ``samples.csv``
     (:func:`write_manifest`, what ``epd evaluate`` reads), labels / prompts cycled over the seeds as
-    :func:`generate` does; returns ``outdir``.
+    :func:`generate` does; returns ``outdir``. ``extra_files`` (name → bytes) are written beside them.
 
     The folder is filled under a temporary name beside it and moved into place only when complete: an interrupted
     run leaves no half-written folder, an existing one (replaced only with ``overwrite``) keeps its samples until
@@ -183,6 +188,8 @@ def write_samples(backbone: Backbone, solver: Configured, seeds: Sequence[int], 
         distributed.barrier()
         if rank == 0:
             write_manifest(tmp, seeds, labels=labels, prompts=prompts, subdirs=subdirs)
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
             replace_dir(tmp, outdir)
         distributed.barrier()
     except BaseException:
@@ -231,6 +238,8 @@ def gather_samples(shards: str | os.PathLike, outdir: str | os.PathLike, seeds: 
             for row in expected[part]:
                 (tmp / row[3]).parent.mkdir(parents=True, exist_ok=True)
                 link_or_copy(shards / str(i) / row[3], tmp / row[3])
+        if (shards / "0" / "reference.json").is_file():   # the reference solver's own error, from its first shard
+            link_or_copy(shards / "0" / "reference.json", tmp / "reference.json")
         write_manifest(tmp, seeds, labels=labels, prompts=prompts, subdirs=subdirs)
         replace_dir(tmp, outdir)
     except BaseException:

@@ -38,6 +38,9 @@ class Backbone:
     sigma_max: float = 80.0
     guidance: float = 1.0
     data: "DataPoints | None" = None   # embedded backbones: the data points they model (what the benchmark needs)
+    # grid points of the converged reference (`epd sample --solver reference`), which states its own error against
+    # twice as many: a network smooth in σ converges with fewer than a mixture, whose posterior sharpens as σ → 0
+    reference_steps: int = 128
 
     @classmethod
     def check_schedule(cls, schedule: str) -> None:

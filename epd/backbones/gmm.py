@@ -42,6 +42,7 @@ class GMMDigits(Backbone):
     """
 
     name = "gmm-digits"
+    reference_steps = 512
     Options = GMMOptions
     sigma_min = 0.002
     sigma_max = 80.0

@@ -7,6 +7,8 @@ One rule per solver family, so that ``epd sample --nfe`` and the benchmark compa
   σ_min, as in the EPD and AMED papers;
 - Heun: EDM's recipe, the grid ends in 0 and the step into it is Euler (the trapezoid is undefined at σ = 0);
   AFS for even NFE.
+
+The reference solver is not budgeted: ``configure("reference", steps=...)`` (see :mod:`epd.solvers.reference`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import schedules
+from .reference import reference_grid, reference_steps
 from .registry import SOLVERS, nfe as count_nfe, solver as lookup
 from .table import EXPLICIT, SolverTable, TableError, handset_table
 
@@ -30,6 +33,8 @@ class Plan:
 def plan_for_nfe(solver: str, nfe: int) -> Plan:
     """The grid that makes ``solver`` cost exactly ``nfe`` sequential denoiser calls."""
     budget = lookup(solver).budget
+    if budget == "steps":
+        raise ValueError(f"{solver} is set by its number of steps, not by an NFE budget")
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
     if budget == "two_call":
@@ -97,15 +102,23 @@ def check_table_use(table: SolverTable, *, backbone: str | None = None, sigma_ma
                          f"schedule {schedule!r}")
 
 
-def configure(solver: str, nfe: int | None = None, *, schedule: str = "polynomial", sigma_min: float = 0.002,
+def configure(solver: str, nfe: int | None = None, *, schedule: str | None = None, sigma_min: float = 0.002,
               sigma_max: float = 80.0, rho: float = 7.0, table: SolverTable | None = None,
-              num_points: int = 2, schedule_args: dict | None = None, **table_meta) -> Configured:
-    """Bind a solver to a grid. ``solver`` is a baseline name, ``"epd"`` or ``"epd_plugin"``.
+              num_points: int = 2, schedule_args: dict | None = None, steps: int | None = None,
+              **table_meta) -> Configured:
+    """Bind a solver to a grid. ``solver`` is a baseline name, ``"epd"``, ``"epd_plugin"`` or ``"reference"``.
 
-    EPD takes ``table`` (its metadata fixes grid and NFE, and the schedule options are unused: see
-    :func:`check_table_use` to refuse a conflicting request) or, without one, a hand-set table of ``num_points``
-    built for ``nfe`` on the given schedule.
+    ``schedule`` defaults to ``"polynomial"``. EPD takes ``table`` (its metadata fixes grid and NFE, and the
+    schedule options are unused: see :func:`check_table_use` to refuse a conflicting request) or, without one, a
+    hand-set table of ``num_points`` built for ``nfe`` on the given schedule. The reference
+    (:mod:`epd.solvers.reference`) is set by ``steps``, its grid points uniform in log σ (default: per backbone,
+    from ``backbone=`` among ``table_meta``), not by an NFE.
     """
+    if solver == "reference":
+        return _configure_reference(nfe, schedule, table, steps, sigma_min, sigma_max, table_meta.get("backbone"))
+    if steps is not None:
+        raise ValueError(f"steps= sets the reference solver's grid; {solver} is set by nfe")
+    schedule = schedule or "polynomial"
     schedule_args = schedule_args or {}
     if lookup(solver).table:
         if table is None:
@@ -126,11 +139,28 @@ def configure(solver: str, nfe: int | None = None, *, schedule: str = "polynomia
 
 
 def configure_for(backbone, solver: str, nfe: int | None = None, *, table: SolverTable | None = None,
-                  schedule: str = "polynomial", rho: float = 7.0, num_points: int = 2) -> Configured:
+                  schedule: str = "polynomial", rho: float = 7.0, num_points: int = 2,
+                  steps: int | None = None) -> Configured:
     """:func:`configure` on ``backbone``'s own grid: the schedule's σ range and arguments come from the backbone
-    (and a schedule it cannot run on is refused); a table must fit the backbone (:func:`check_table_use`)."""
+    (and a schedule it cannot run on is refused); a table must fit the backbone (:func:`check_table_use`); the
+    reference runs on the backbone's σ range with ``steps`` points (default: per backbone)."""
+    if solver == "reference":
+        return configure("reference", steps=steps, sigma_min=backbone.sigma_min, sigma_max=backbone.sigma_max,
+                         backbone=backbone.name)
     if table is not None:
         check_table_use(table, backbone=backbone.name, sigma_max=backbone.sigma_max)
         return configure("epd_plugin" if table.meta.plugin else "epd", nfe, table=table)
     return configure(solver, nfe, schedule=schedule, rho=rho, num_points=num_points, backbone=backbone.name,
                      **backbone.grid_args(schedule))
+
+
+def _configure_reference(nfe, schedule, table, steps, sigma_min, sigma_max, backbone) -> Configured:
+    if nfe is not None:
+        raise ValueError(f"the reference solver is set by steps (grid points), not nfe (got nfe={nfe}); its default "
+                         f"for {backbone or 'this backbone'} is {reference_steps(backbone)} steps")
+    if schedule not in (None, "logsnr"):
+        raise ValueError(f"the reference solver's grid is uniform in log σ, not schedule {schedule!r}")
+    if table is not None:
+        raise ValueError("the reference solver takes no table")
+    steps = reference_steps(backbone) if steps is None else steps
+    return Configured("reference", reference_grid(steps, sigma_min, sigma_max), afs=False)

@@ -9,12 +9,14 @@ from typing import Callable
 from .baselines import (sample_dpm2, sample_dpmpp_2m, sample_dpmpp_3m, sample_euler, sample_heun, sample_ipndm,
                         sample_unipc)
 from .epd import sample_epd
+from .reference import sample_reference
 
 # How a solver lays out the grid for an NFE budget (epd.solvers.plan):
 #   "one_call"  one denoiser call per step: NFE + 1 points ending at σ_min;
 #   "two_call"  a second call inside each step (DPM-Solver-2, EPD): AFS for odd NFE, ending at σ_min;
-#   "heun"      EDM's recipe: the grid ends in 0 and the step into it is Euler; AFS for even NFE.
-BUDGETS = ("one_call", "two_call", "heun")
+#   "heun"      EDM's recipe: the grid ends in 0 and the step into it is Euler; AFS for even NFE;
+#   "steps"     not spent by NFE: the reference's grid is a number of steps (epd.solvers.reference).
+BUDGETS = ("one_call", "two_call", "heun", "steps")
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class Solver:
 
     @property
     def calls_per_step(self) -> int:
-        return 1 if self.budget == "one_call" else 2
+        return 2 if self.budget in ("two_call", "heun") else 1
 
 
 SOLVERS: dict[str, Solver] = {
@@ -39,10 +41,11 @@ SOLVERS: dict[str, Solver] = {
     "ipndm": Solver(sample_ipndm, "one_call"),
     "epd": Solver(sample_epd, "two_call", table=True),
     "epd_plugin": Solver(sample_epd, "two_call", table=True),
+    "reference": Solver(sample_reference, "steps"),   # the converged solution, what accuracy is measured against
 }
 
 # Hand-designed solvers, each f(denoiser, x, sigmas, *, cond=None, callback=None, afs=False).
-BASELINES: dict[str, Callable] = {name: s.fn for name, s in SOLVERS.items() if not s.table}
+BASELINES: dict[str, Callable] = {name: s.fn for name, s in SOLVERS.items() if not s.table and s.budget != "steps"}
 TEACHERS: dict[str, Callable] = {name: s.fn for name, s in SOLVERS.items() if s.teacher}
 
 

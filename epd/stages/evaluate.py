@@ -14,6 +14,9 @@ SECTIONS = STAGE_SECTIONS["evaluate"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", required=True, help="folder written by `epd sample` (samples.csv + PNGs)")
     p.add_argument("--out", help="output folder: per_image.csv and summary.json")
+    p.add_argument("--reference", metavar="DIR",
+                   help="the reference solver's samples of the same seeds and conditions (`epd sample --solver "
+                        "reference`): for the solver-accuracy metrics")
     p.add_argument("--write-reference-stats", metavar="FILE",
                    help="save this sample set's Inception statistics as an FID reference (.npz)")
     common.add_config(p, SECTIONS)
@@ -29,7 +32,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         common.check_writable_file(args.write_reference_stats, "reference statistics file")
     summary = evaluate(args.samples, e.metrics if args.out is not None else [], args.out, weights=cfg.weights,
                        reference_stats=e.reference_stats, write_reference_stats=args.write_reference_stats,
-                       batch_size=e.batch, device=e.device, progress=not args.no_progress)
+                       reference=args.reference, batch_size=e.batch, device=e.device,
+                       progress=not args.no_progress)
     for metric, s in summary.items():
         print(f"{metric}: " + (f"{s['value']:.4f}" if "value" in s else
                                "n/a" if s["mean"] is None else f"{s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -10,7 +11,7 @@ from ..config import STAGE_SECTIONS, Config
 from ..data import parse_labels, parse_seeds, read_prompts
 from ..options import given_flags, json_object
 from ..sample import check_sample_dir, gather_samples, generate, save_grid, shard_slices, write_samples
-from ..solvers import SOLVERS, load_table
+from ..solvers import SOLVERS, load_table, reference_error
 from ..solvers.plan import check_table_use, configure_for
 from . import common
 
@@ -33,7 +34,8 @@ class _BackendConfig(argparse.Action):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outdir", required=True, help="output folder: one PNG per seed and samples.csv")
     p.add_argument("--solver", choices=sorted(SOLVERS), default="epd",
-                   help="solver (default epd: a hand-set table unless --table is given)")
+                   help="solver (epd: a hand-set table unless --table is given; reference: the converged solution, "
+                        "sample.reference_steps on a log-σ grid, its own error in reference.json)")
     p.add_argument("--nfe", type=int, default=5, help="denoiser calls per sample (a --table fixes its own)")
     p.add_argument("--table", help="EPD table (NAME.json / NAME.safetensors); fixes solver, grid and NFE")
     p.add_argument("--num-points", type=int, default=2, help="K of a hand-set EPD table")
@@ -50,6 +52,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='backbone options as one JSON object (inline or a .json file), e.g. \'{"max_batch": 8, '
                         '"load_options": {"variant": "fp16"}}\'')
     common.add_config(p, SECTIONS)
+
+
+def _reference_error(backbone, run_, seeds, labels, prompts, batch: int) -> dict:
+    """The reference's own error on the first seeds (conditions cycled as for the samples): against twice the steps."""
+    conds = labels if labels is not None else prompts
+    picked = None if conds is None else [conds[i % len(conds)] for i in range(len(seeds))]
+    cond = (backbone.encode(labels=picked) if labels is not None else
+            backbone.encode(prompts=picked) if prompts is not None else None)
+    err = reference_error(backbone, backbone.noise(seeds), len(run_.sigmas), sigma_min=backbone.sigma_min,
+                          sigma_max=backbone.sigma_max, cond=cond, data=backbone.data, batch_size=batch)
+    return {"steps": err.steps, "samples": err.samples, "rms": err.rms, "same_mode": err.same_mode}
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
@@ -85,10 +98,25 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if table is not None:   # an explicit --schedule must be the table's own (a table fixes its grid)
         check_table_use(table, schedule=given_flags(args, "schedule").get("name"), source=args.table)
     backbone = common.load(cfg)
-    run_ = configure_for(backbone, args.solver, None if table is not None else args.nfe, table=table,
-                         schedule=cfg.schedule.name, rho=cfg.schedule.rho, num_points=args.num_points)
+    reference = args.solver == "reference" and table is None
+    run_ = configure_for(backbone, args.solver, None if table is not None or reference else args.nfe, table=table,
+                         schedule=cfg.schedule.name, rho=cfg.schedule.rho, num_points=args.num_points,
+                         steps=s.reference_steps if reference else None)
     if args.grid and distributed.world_size() > 1:
         raise ValueError("--grid is one image from one process: run it without torchrun")
+    extra = {}
+    if reference and not args.grid and args.shard in (None, 0) and distributed.is_main():
+        # what made the reference (evaluate's mode_agreement loads this backbone) and, checked, its own error
+        info = {"backbone": backbone.name, "backbone_options": common.backbone_options(cfg),
+                "steps": len(run_.sigmas), "samples": 0, "rms": None, "same_mode": None}
+        if s.reference_check:
+            info |= _reference_error(backbone, run_, seeds[:s.reference_check], labels, prompts, s.batch)
+            tracking.log_metrics({f"reference_{k}": v for k in ("rms", "same_mode")
+                                  if isinstance(v := info[k], float)})
+            print(f"reference: {info['steps']} steps, against {2 * info['steps']} on {info['samples']} samples: "
+                  f"state RMS {info['rms']:.2e}" + (f", same mode {info['same_mode']:.4f}"
+                                                     if info["same_mode"] is not None else ""))
+        extra["reference.json"] = (json.dumps(info, indent=2) + "\n").encode()
     if args.grid:
         images = torch.cat([img for _, img in generate(backbone, run_, seeds, labels=labels, prompts=prompts,
                                                        batch_size=s.batch, progress=not args.no_progress)])
@@ -97,7 +125,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         tracking.log_artifact(out)
     else:
         out = write_samples(backbone, run_, seeds, args.outdir, labels=labels, prompts=prompts, batch_size=s.batch,
-                            subdirs=s.subdirs, overwrite=args.overwrite, progress=not args.no_progress)
+                            subdirs=s.subdirs, overwrite=args.overwrite, progress=not args.no_progress,
+                            extra_files=extra)
     tracking.set_tags({"solver": run_.name, "nfe": run_.nfe, "backbone": backbone.name,
                        "schedule": table.meta.schedule if table is not None else cfg.schedule.name})
     tracking.log_metrics({"num_samples": len(seeds)})

@@ -1,5 +1,6 @@
 """The solver benchmark's pieces: Fréchet distance, the exact reference, and a tiny end-to-end run."""
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import torch
 from scipy import linalg
 
 from epd.backbones import Backbone, load_backbone
-from epd.benchmark import BenchConfig, cycled_labels, data_targets, main, reference_solution
+from epd.benchmark import (BenchConfig, cycled_labels, data_targets, format_report, main, reference_solution,
+                           run_benchmark)
 from epd.metrics import frechet_distance, gaussian_stats
 from epd.solvers import handset_table, save_table
 
@@ -62,8 +64,18 @@ def test_tiny_benchmark_run(tmp_path):
         assert 0 <= float(r["label_acc"]) <= 1 and float(r["fd_digits"]) >= 0
     by = {(r["solver"], int(r["nfe"]), int(r["seed_set"])): r for r in rows}
     for solver in ("euler", "dpmpp_2m", "epd"):  # more NFE, closer to the exact solution
-        assert float(by[(solver, 9, 0)]["rms"]) < float(by[(solver, 3, 0)]["rms"])
+        for metric in ("rms", "rms_to_reference", "fd_to_reference", "fd_digits_to_reference"):
+            assert float(by[(solver, 9, 0)][metric]) < float(by[(solver, 3, 0)][metric])
+        assert float(by[(solver, 9, 0)]["mode_agreement"]) > float(by[(solver, 3, 0)]["mode_agreement"])
+    for r in rows:   # pixels are half the state's scale; clipping only shrinks differences, rounding adds ≤ 1/255
+        assert float(r["rms_to_reference"]) <= float(r["rms"]) / 2 + 1 / 255
     assert "NFE 3" in report and "dpmpp_2m@logsnr" in report
+    assert report.index("## Headline: each solver on its best grid by fd_to_reference") < report.index("### NFE 3") \
+        < report.index("## Solver accuracy") < report.index("### FD to the reference") \
+        < report.index("## Samples against the data")
+    assert "| reference | logsnr, 64 vs 128 steps |" in report and "| reference: 64 vs 128 steps |" in report
+    info = json.loads((tmp_path / "benchmark.reference.json").read_text())
+    assert len(info["reference_rms_to_reference"]) == 2 and info["reference_mode_agreement"] == [1.0, 1.0]
     assert "## FD-digits" in report and "## Label accuracy" in report and "labels 0,1,2,3,4,5,6,7,8,9 cycled" in report
     assert (tmp_path / "benchmark.md").read_text() == report
 
@@ -92,15 +104,22 @@ def test_tiny_unet_benchmark_run(tmp_path):
     """The same code path on the learned backbone: conditional samples, FD-digits and label accuracy per cell."""
     cfg = BenchConfig(backbone="unet-digits", solvers=["euler", "dpmpp_3m"], schedules=["logsnr"], nfes=[3, 9],
                       num_samples=100, seed_sets=1, batch_size=100, reference_steps=32, reference_check=20)
-    report = main(cfg, tmp_path, progress=False)
-    by = {(r["solver"], int(r["nfe"])): r for r in csv.DictReader((tmp_path / "benchmark.csv").open())}
+    rows, info = run_benchmark(cfg, progress=False)
+    report = format_report(rows, info, cfg)
+    by = {(r["solver"], int(r["nfe"])): r for r in rows}
     assert sorted(by) == [("dpmpp_3m", 3), ("dpmpp_3m", 9), ("euler", 3), ("euler", 9)]
     for solver in ("euler", "dpmpp_3m"):  # more NFE: closer to the reference, and better digits
-        assert float(by[(solver, 9)]["rms"]) < float(by[(solver, 3)]["rms"])
-        assert float(by[(solver, 9)]["fd_digits"]) < float(by[(solver, 3)]["fd_digits"])
-    assert float(by[("dpmpp_3m", 9)]["label_acc"]) >= 0.9       # the network draws the requested digit
+        assert by[(solver, 9)]["rms"] < by[(solver, 3)]["rms"]
+        assert by[(solver, 9)]["fd_to_reference"] < by[(solver, 3)]["fd_to_reference"]
+        assert by[(solver, 9)]["fd_digits"] < by[(solver, 3)]["fd_digits"]
+    assert by[("dpmpp_3m", 9)]["label_acc"] >= 0.9       # the network draws the requested digit
     assert all(r["backbone"] == "unet-digits" for r in by.values())
     assert "unet-digits" in report and "## Label accuracy" in report
+    # The reference against twice its steps, through 8-bit images: an order below any solver at these NFEs (even
+    # this 32-step one; the benchmark's default is 128).
+    for metric in ("rms_to_reference", "fd_to_reference", "fd_digits_to_reference"):
+        assert info[f"reference_{metric}"][0] < 0.1 * min(r[metric] for r in rows)
+    assert info["reference_mode_agreement"][0] == 1.0
 
 
 def test_unconditional_run_has_no_label_accuracy(tmp_path):
@@ -110,6 +129,17 @@ def test_unconditional_run_has_no_label_accuracy(tmp_path):
     row = next(csv.DictReader((tmp_path / "benchmark.csv").open()))
     assert np.isnan(float(row["label_acc"])) and float(row["fd_digits"]) > 0
     assert "## Label accuracy" not in report and "unconditional" in report
+
+
+def test_first_seed_moves_the_seed_sets():
+    """Seed set 1 of a run from seed 0 is seed set 0 of a run from seed num_samples."""
+    common = {"solvers": ["euler"], "schedules": ["logsnr"], "nfes": [5], "num_samples": 40, "reference_steps": 32,
+              "reference_check": 10, "batch_size": 40}
+    both, _ = run_benchmark(BenchConfig(seed_sets=2, **common), progress=False)
+    second, info = run_benchmark(BenchConfig(seed_sets=1, first_seed=40, **common), progress=False)
+    for metric in ("rms", "fd_to_reference", "fd_digits", "mode_agreement"):
+        assert second[0][metric] == both[1][metric] != both[0][metric]
+    assert "seeds 40-79" in format_report(second, info, BenchConfig(seed_sets=1, first_seed=40, **common))
 
 
 def test_class_balanced_weights_and_stats(gmm):

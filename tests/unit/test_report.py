@@ -12,11 +12,13 @@ from epd.cli import main
 from epd.report import format_table, read_summaries
 
 
-def fake_results(root, runs):
-    """A results folder as the pipeline lays it out, with made-up numbers."""
+def fake_results(root, runs, rms=None):
+    """A results folder as the pipeline lays it out, with made-up numbers (``rms``: each run's rms_to_reference)."""
     for name, acc in runs.items():
         (root / "eval" / name).mkdir(parents=True)
         summary = {"label_accuracy": {"mean": acc, "std": 0.1, "n": 4}, "fd_digits": {"value": 1 / acc}}
+        if rms is not None:
+            summary["rms_to_reference"] = {"mean": rms[name], "std": 0.01, "n": 4}
         (root / "eval" / name / "summary.json").write_text(json.dumps(summary))
         folder = root / "samples" / name
         folder.mkdir(parents=True)
@@ -36,8 +38,10 @@ def test_report_table_and_plots(tmp_path, capsys):
     printed = capsys.readouterr().out
     lines = [line for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
     # learned tables first, then baselines; NFE ascending; mean ± std for per-image metrics, value for set-level
-    assert lines[1:] == ["| epd | 3 | 0.75 ± 0.1 | 1.333 |", "| rdpo | 3 | 0.8 ± 0.1 | 1.25 |",
+    # the best row of each NFE in bold: higher accuracy, lower FD; alone at its NFE, nothing is bold
+    assert lines[1:] == ["| epd | 3 | 0.75 ± 0.1 | 1.333 |", "| rdpo | 3 | **0.8 ± 0.1** | **1.25** |",
                          "| euler | 3 | 0.25 ± 0.1 | 4 |", "| euler | 5 | 0.5 ± 0.1 | 2 |"]
+    assert "Model and solver together" in printed and "Solver accuracy" not in printed
     with (tmp_path / "rep" / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["solver"], int(r["nfe"]), float(r["label_accuracy_mean"]), float(r["fd_digits"])) for r in rows] == [
@@ -64,7 +68,34 @@ def test_format_table_leaves_missing_metrics_blank(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
     rows = read_summaries([tmp_path / "a-nfe3" / "summary.json", tmp_path / "b-nfe3" / "summary.json"])
-    assert format_table(rows).splitlines()[2:] == ["| a | 3 | 1 ± 0 |  |", "| b | 3 |  | 2 |"]
+    assert format_table(rows).splitlines()[2:4] == ["| a | 3 | 1 ± 0 |  |", "| b | 3 |  | 2 |"]
+
+
+def test_the_reference_row_and_the_solver_accuracy_metrics_first(tmp_path, capsys):
+    """The reference's samples are evaluated like any: its row comes last with no NFE and competes for no bold; the
+    accuracy metrics lead the table (lower is better), the note says which metric measures what, and the reference's
+    own error (its reference.json) is stated."""
+    runs = {"epd-nfe3": 0.75, "euler-nfe3": 0.9, "reference": 0.95}
+    fake_results(tmp_path / "res", runs, rms={"epd-nfe3": 0.02, "euler-nfe3": 0.3, "reference": 0.0})
+    (tmp_path / "res" / "samples" / "reference" / "reference.json").write_text(json.dumps(
+        {"backbone": "gmm-digits", "backbone_options": {}, "steps": 512, "samples": 4, "rms": 1.5e-5,
+         "same_mode": 1.0}))
+    assert main(["report", "--results", str(tmp_path / "res"), "--out", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| solver | NFE | rms_to_reference | label_accuracy | fd_digits |"
+    # EPD is the more accurate solver though Euler's samples score higher against data
+    assert lines[1:] == ["| epd | 3 | **0.02 ± 0.01** | 0.75 ± 0.1 | 1.333 |",
+                         "| euler | 3 | 0.3 ± 0.01 | **0.9 ± 0.1** | **1.111** |",
+                         "| reference | — | 0 ± 0.01 | 0.95 ± 0.1 | 1.053 |"]
+    assert "Solver accuracy (distance to the reference solution of the same seeds and conditions): " \
+           "rms_to_reference." in printed
+    assert "Model and solver together" in printed and "label_accuracy, fd_digits." in printed
+    assert "512 steps uniform in log σ; against 1024 steps on 4 samples, state RMS 1.50e-05, same mode 1.0000." \
+           in printed
+    with (tmp_path / "rep" / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["solver"], r["nfe"]) for r in rows] == [("epd", "3"), ("euler", "3"), ("reference", "")]
 
 
 def test_grid_images_spread_over_the_prompts(tmp_path):

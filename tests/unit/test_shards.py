@@ -81,3 +81,27 @@ def test_sample_gather_refuses_a_missing_or_truncated_shard(tmp_path, capsys):
     __import__("shutil").rmtree(tmp_path / "s" / "1")
     assert _sample(tmp_path, "--outdir", str(tmp_path / "g"), "--gather", str(tmp_path / "s")) == 2
     assert "sample shard 1 of 3 missing" in capsys.readouterr().err and not (tmp_path / "g").exists()
+
+
+def test_sharded_reference_gathers_with_its_record_and_serves_evaluate(tmp_path, capsys):
+    """`--solver reference`: its first shard records the backbone and the reference's own error (reference.json),
+    the gather keeps it, and `epd evaluate --reference` reads the backbone from it for mode_agreement."""
+    (tmp_path / "c.yaml").write_text("sample: {seeds: '0-9', labels: '1,2,3', batch: 2, shard_size: 4, "
+                                     "reference_steps: 16, reference_check: 3}\n"
+                                     "evaluate: {metrics: [rms_to_reference, mode_agreement]}\n")
+    common = ["--config", str(tmp_path / "c.yaml"), "--no-progress"]
+    assert main(["sample", *common, "--solver", "reference", "--outdir", str(tmp_path / "whole")]) == 0
+    for i in range(3):
+        assert main(["sample", *common, "--solver", "reference", "--outdir", str(tmp_path / "s" / str(i)),
+                     "--shard", str(i)]) == 0
+    assert not (tmp_path / "s" / "1" / "reference.json").exists()
+    assert main(["sample", *common, "--solver", "reference", "--outdir", str(tmp_path / "ref"),
+                 "--gather", str(tmp_path / "s")]) == 0
+    assert same_tree(tmp_path / "whole", tmp_path / "ref")
+    record = __import__("json").loads((tmp_path / "ref" / "reference.json").read_text())
+    assert record["backbone"] == "gmm-digits" and record["steps"] == 16 and record["samples"] == 3
+    assert 0 < record["rms"] < 0.1 and record["same_mode"] == 1.0
+    capsys.readouterr()
+    assert main(["evaluate", *common, "--samples", str(tmp_path / "whole"), "--reference", str(tmp_path / "ref"),
+                 "--out", str(tmp_path / "e")]) == 0
+    assert "rms_to_reference: 0.0000 ± 0.0000 (n=10)" in capsys.readouterr().out

@@ -1,10 +1,15 @@
 # The checked config, the results layout and the stamps each rule depends on. Every rule's command reads its
 # values from the config file itself (`epd <stage> --config FILE`): the rules only name files.
+import os
+
 from epd.backbones import BACKBONES
 from epd.config import STAGE_SECTIONS, from_mapping, read_yaml, stamp
 from epd.data import seed_count
 
+# relative to the working folder when inside it (a profile makes it absolute), as the commands in dvc.yaml read it
 CONFIGFILE = ([str(f) for f in workflow.overwrite_configfiles] or ["config/config.yaml"])[-1]
+if not os.path.relpath(CONFIGFILE).startswith(".."):
+    CONFIGFILE = os.path.relpath(CONFIGFILE)
 if config != read_yaml(CONFIGFILE):
     raise ValueError(f"the stages read {CONFIGFILE} itself: put changes in a config file (--configfile), not "
                      f"--config KEY=VALUE")
@@ -17,7 +22,7 @@ GPU = int(BACKBONES[CFG.backbone.name].gpu)  # the slurm executor reads the `gpu
 TABLE_SOLVERS = ["epd", "rdpo"]  # the distilled table, and the same after RDPO
 SAMPLED = [f"{s}-nfe{n}" for s in TABLE_SOLVERS for n in CFG.pipeline.nfe] + [
     f"{s}-nfe{n}" for s in CFG.pipeline.baselines for n in CFG.pipeline.baseline_nfe
-]
+] + ["reference"]
 
 # Sharded stages: one job per shard of seeds (each a SLURM job with its own GPU), then a gather job.
 TEACHER_SHARDS = -(-seed_count(CFG.teacher.seeds) // (CFG.teacher.shard_size or seed_count(CFG.teacher.seeds)))
@@ -40,5 +45,5 @@ wildcard_constraints:
     nfe=r"\d+",
     kind="|".join(TABLE_SOLVERS),
     solver="|".join(CFG.pipeline.baselines) or "(?!)",
-    name=r"[a-z0-9_]+-nfe\d+",
+    name=r"[a-z0-9_]+-nfe\d+|reference",
     shard=r"\d+",

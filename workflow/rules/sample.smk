@@ -68,3 +68,37 @@ if SAMPLE_SHARDS > 1:  # the gather jobs: the unsharded command, taking the shar
         shell:
             "epd sample --config {CONFIGFILE} --solver {wildcards.solver} --nfe {wildcards.nfe} --outdir {output} "
             "--gather {params.shards} {TRACK} > {log} 2>&1"
+
+
+# The reference: the converged solution of the same seeds and conditions, what every sample set's accuracy is
+# measured against (sharded like the others); its own error against twice its steps in reference.json.
+rule reference:
+    input:
+        stamps("sample"),
+        files(CFG.sample.prompts),
+    output:
+        directory(f"{RESULTS}/samples/reference{SHARD}"),
+    log:
+        f"{RESULTS}/logs/sample-reference{SHARD.replace('.shards/', '-shard')}.log",
+    resources:
+        gpu=GPU,
+    shell:
+        "epd sample --config {CONFIGFILE} --solver reference --outdir {output} " + SPLIT + "{TRACK} > {log} 2>&1"
+
+
+if SAMPLE_SHARDS > 1:
+
+    rule reference_gather:
+        input:
+            stamps("sample"),
+            shards=expand(f"{RESULTS}/samples/reference.shards/{{shard}}", shard=range(SAMPLE_SHARDS)),
+        output:
+            directory(f"{RESULTS}/samples/reference"),
+        params:
+            shards=f"{RESULTS}/samples/reference.shards",
+        log:
+            f"{RESULTS}/logs/sample-reference.log",
+        localrule: True
+        shell:
+            "epd sample --config {CONFIGFILE} --solver reference --outdir {output} --gather {params.shards} "
+            "{TRACK} > {log} 2>&1"
