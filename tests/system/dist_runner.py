@@ -1,5 +1,5 @@
 """Runs test tasks (RDPO runs, sample folders) under torchrun for tests/test_distributed.py, and in the test process
-itself for the single-process references: ``torchrun --nproc-per-node 2 --standalone tests/dist_runner.py SPEC``.
+itself for the single-process references: ``torchrun --nproc-per-node 2 --standalone tests/system/dist_runner.py SPEC``.
 
 SPEC is a JSON file ``{"root": folder, "tasks": [...], "raise_at_end"?: bool}``; the tasks run in one
 ``epd.distributed.session()``. Each rank prints one line ``DIST-RUNNER {json}`` at the end: its rank, the world
@@ -19,7 +19,6 @@ import torch
 DISTILLED = str(Path(__file__).resolve().parents[2] / "data" / "tables" / "epd-time_uniform-nfe5.json")
 PROMPTS = ["a handwritten 3", "the digit seven", "a handwritten 0", "the number one, handwritten"]
 REWARD = {"label_logprob": 1.0, "realism": 0.5}
-PREFIX = "DIST-RUNNER "
 
 
 def run_task(task: dict) -> None:
@@ -111,7 +110,8 @@ def main(spec_path: str) -> None:
         distributed.init()
     except ValueError as e:
         report["rejoin"] = str(e)
-    print(PREFIX + json.dumps(report), flush=True)
+    # a file per rank: the ranks' stdout lines share one pipe and a long line can interleave with another's
+    Path(spec["reports"], f"{os.environ['RANK']}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

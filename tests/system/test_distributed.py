@@ -1,6 +1,6 @@
 """Multi-process RDPO and sampling: real torchrun launches on the CPU (gloo) against single-process references.
 
-One torchrun launch (2 processes) runs every distributed task of the fast tests (tests/dist_runner.py); the tests
+One torchrun launch (2 processes) runs every distributed task of the fast tests (tests/system/dist_runner.py); the tests
 then compare its outputs with the same tasks run in this process.
 """
 import json
@@ -45,7 +45,9 @@ REFUSED = dict(TINY, rollout_batch_size=9, rloo_k=3, minibatch_size=3)
 def torchrun(spec: dict, folder: Path, nproc: int = 2, timeout: float = 600) -> list[dict]:
     """Launch dist_runner on ``nproc`` CPU processes (``--standalone``: a free port of its own); the ranks' reports."""
     spec_path = folder / "spec.json"
-    spec_path.write_text(json.dumps(spec))
+    reports = folder.with_name(folder.name + "-reports")
+    reports.mkdir()
+    spec_path.write_text(json.dumps({**spec, "reports": str(reports)}))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
@@ -54,9 +56,7 @@ def torchrun(spec: dict, folder: Path, nproc: int = 2, timeout: float = 600) -> 
                            str(nproc), str(RUNNER), str(spec_path)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    reports = [json.loads(line.split(dist_runner.PREFIX, 1)[1]) for line in proc.stdout.splitlines()
-               if dist_runner.PREFIX in line]
-    return sorted(reports, key=lambda r: r["rank"])
+    return [json.loads((reports / f"{rank}.json").read_text()) for rank in range(nproc)]
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from epd.distill import DistillConfig, distill
 from epd.solvers import handset_table, load_table, sample_epd
 from epd.teacher import TeacherConfig, TeacherError, load_teacher, run_teacher, write_teacher
 
-TEACHER = TeacherConfig(schedule="logsnr", num_steps=3, inserted_steps=3, seeds="1000-1255", batch_size=128,
-                        shard_size=100)
+TEACHER = TeacherConfig(schedule="logsnr", num_steps=3, inserted_steps=3, seeds="1000-1255", batch_size=64,
+                        shard_size=128)
 SMALL = DistillConfig(nfe=3, iterations=60, batch=64, lr=0.05, checkpoint_every=10)
 
 
@@ -28,7 +28,7 @@ def teacher_dir(tmp_path_factory):
 
 def test_teacher_layout_and_rerun(teacher_dir):
     manifest = json.loads((teacher_dir / "manifest.json").read_text())
-    assert [s["count"] for s in manifest["shards"]] == [128, 128]  # shards close on batch boundaries
+    assert [s["count"] for s in manifest["shards"]] == [128, 128]  # one file per shard_size seeds
     data = load_teacher(teacher_dir)
     assert data["states"].shape == (256, 3, 1, 8, 8)
     assert data["seeds"].tolist() == list(range(1000, 1256))
