@@ -18,7 +18,7 @@ from epd import distributed
 from epd.rdpo import RDPOConfig, ppo_loss
 from epd.solvers import load_table
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).resolve().parent / "dist_runner.py"
 TINY = dict(steps=4, save_interval=2, hidden_dim=32, num_layers=1, learning_rate=1e-3)
 CONFIGS = {

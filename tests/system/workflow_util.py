@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TINY = REPO / "tests" / "system" / "workflow_tiny.yaml"
 SHARDED = REPO / "tests" / "system" / "workflow_sharded.yaml"   # TINY with its teacher and samples in shards
-PIPELINE_FILES = ("Snakefile", "workflow", "dvc.yaml", "config", "data/prompts")
+PIPELINE_FILES = ("Snakefile", "workflow", "dvc.yaml", ".dvcignore", "config", "data/prompts")
 
 
 def project_copy(dest: Path, config: Path | None = TINY) -> Path:
