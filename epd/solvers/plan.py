@@ -13,6 +13,7 @@ The reference solver is not budgeted: ``configure("reference", steps=...)`` (see
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +150,10 @@ def configure_for(backbone, solver: str, nfe: int | None = None, *, table: Solve
                          backbone=backbone.name)
     if table is not None:
         check_table_use(table, backbone=backbone.name, sigma_max=backbone.sigma_max)
+        if not math.isclose(table.meta.guidance, backbone.guidance):
+            # allowed (a table may serve another scale), but its parameters were fitted at the recorded one
+            warnings.warn(f"the table was fitted at guidance {table.meta.guidance:g}; sampling at the backbone's "
+                          f"guidance {backbone.guidance:g} (set the backbone option guidance to match it)", stacklevel=2)
         return configure("epd_plugin" if table.meta.plugin else "epd", nfe, table=table)
     return configure(solver, nfe, schedule=schedule, rho=rho, num_points=num_points, backbone=backbone.name,
                      **backbone.grid_args(schedule))

@@ -641,3 +641,18 @@ def test_check_table_use_names_each_mismatch():
     with pytest.raises(TableError, match=r"carries its own grid \(schedule 'explicit'\) and ignores the schedule "
                                          r"options; asked for schedule 'time_uniform'"):
         check_table_use(own, schedule="time_uniform")
+
+
+def test_sampling_at_another_guidance_than_the_table_was_fitted_at_warns():
+    import dataclasses
+    import warnings
+
+    from epd.backbones import load_backbone
+    from epd.solvers.plan import configure_for
+    g = load_backbone("gmm-digits", guidance=2.0)
+    table = handset_table(5, sigma_max=g.sigma_max, backbone="gmm-digits", schedule="time_uniform")
+    with pytest.warns(UserWarning, match="fitted at guidance 1; sampling at the backbone's guidance 2"):
+        configure_for(g, "epd", table=table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        configure_for(g, "epd", table=dataclasses.replace(table, meta=dataclasses.replace(table.meta, guidance=2.0)))
