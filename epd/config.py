@@ -25,6 +25,7 @@ import yaml
 
 from . import options
 from .backbones import BACKBONES
+from .data import read_prompts
 from .distill import DistillOptions
 from .evaluate import EvaluateOptions
 from .io import atomic_write
@@ -36,7 +37,8 @@ from .solvers import BASELINES
 from .teacher import TeacherOptions
 from .tracking import TrackingOptions
 
-__all__ = ["Config", "ConfigError", "STAGE_SECTIONS", "load_config", "from_mapping", "schema", "section", "stamp"]
+__all__ = ["Config", "ConfigError", "STAGE_SECTIONS", "check_inputs", "load_config", "from_mapping", "schema",
+           "section", "stamp"]
 
 ConfigError = OptionsError
 
@@ -117,6 +119,18 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 def from_mapping(data: Mapping[str, Any] | None, where: str = "") -> Config:
     """A :class:`Config` from plain data (a parsed YAML file); every key checked, defaults filled in."""
     return options.validate(Config, data or {}, where)
+
+
+def check_inputs(cfg: Config, sections: tuple[str, ...] | None = None) -> None:
+    """Read the prompt files the config names (in ``sections``, default all): a missing, empty or non-UTF-8 file is
+    refused before any job runs, naming its key, the file and the line."""
+    for name in ("teacher", "rdpo", "sample") if sections is None else sections:
+        path = getattr(getattr(cfg, name), "prompts", None)
+        if path is not None:
+            try:
+                read_prompts(path)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{name}.prompts: {e}") from None
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

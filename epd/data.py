@@ -112,7 +112,7 @@ def _seed_ranges(spec: str) -> range | list[int]:
     total = sum(len(r) for r in ranges)
     if total > MAX_SEEDS:
         raise ValueError(f"seed spec {spec!r} names {total:,} seeds; one run takes at most {MAX_SEEDS:,} "
-                         f"(split larger runs into shards)")
+                         f"(run a larger set as several runs over parts of the range)")
     ordered = sorted(ranges, key=lambda r: r.start)
     for a, b in zip(ordered, ordered[1:]):
         if b.start < a.stop:

@@ -98,7 +98,7 @@ class RDPOConfig:
         """Refuse a rollout batch that ``n`` processes cannot share equally (each solves B / n samples)."""
         b = self.rollout_batch_size
         if b % n:
-            raise ValueError(f"rdpo: rollout_batch_size {b} does not split over {n} processes ({b} % {n} = {b % n}); "
+            raise ValueError(f"rollout_batch_size {b} does not split over {n} processes ({b} % {n} = {b % n}); "
                              f"use a multiple of {math.lcm(n, self.rloo_k)} (of both the {n} processes and "
                              f"rloo_k {self.rloo_k})")
 

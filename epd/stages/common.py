@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import options
 from ..backbones import BACKBONES, Backbone, load_backbone
-from ..config import Config, ConfigError, from_mapping, read_yaml, stamp
+from ..config import Config, ConfigError, check_inputs, from_mapping, read_yaml, stamp
 from ..options import flag_name
 
 
@@ -75,7 +75,7 @@ def resolve(args: argparse.Namespace, sections: tuple[str, ...]) -> Config:
     data = read_yaml(args.config) if args.config else {}
     if args.config:
         try:
-            stamp(from_mapping(data), sections)
+            file_cfg = from_mapping(data)
         except ConfigError as e:
             raise ConfigError(f"{args.config}: {e}") from None
     for name in sections:
@@ -92,9 +92,13 @@ def resolve(args: argparse.Namespace, sections: tuple[str, ...]) -> Config:
         if given:
             data[name] = given
     try:
-        return from_mapping(data)
+        cfg = from_mapping(data)
+        check_inputs(cfg, tuple(n for n in sections if n in ("teacher", "rdpo", "sample")))
     except ConfigError as e:
         raise ConfigError(f"{args.config + ': ' if args.config else ''}{e}") from None
+    if args.config:   # only once the inputs are known good: a refused run leaves no trace
+        stamp(file_cfg, sections)
+    return cfg
 
 
 def backbone_options(cfg: Config) -> dict[str, Any]:

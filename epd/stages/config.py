@@ -9,7 +9,7 @@ import yaml
 
 from .. import options
 from ..backbones import BACKBONES
-from ..config import Config, from_mapping, load_config, schema, section
+from ..config import Config, check_inputs, from_mapping, load_config, read_yaml, schema, section
 from ..io import atomic_write
 
 HELP = "print a config with every default filled in; write its JSON schema or key table"
@@ -51,6 +51,10 @@ def key_table() -> str:
 def run(args: argparse.Namespace, cfg: None) -> int:
     if args.action == "show":
         config = load_config(args.config) if args.config else from_mapping({})
+        if args.config:   # the prompt files the file names (a default path is relative to the project root)
+            named = read_yaml(args.config)
+            check_inputs(config, tuple(n for n in ("teacher", "rdpo", "sample")
+                                       if isinstance(named.get(n), dict) and named[n].get("prompts")))
         data = {name: section(config, name) for name in Config.__dataclass_fields__}
         print(yaml.safe_dump(data, sort_keys=False), end="")
     elif args.action == "schema":

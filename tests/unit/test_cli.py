@@ -125,3 +125,15 @@ def test_sampling_over_an_existing_folder_replaces_it_whole(tmp_path):
     assert main([*args, "--seeds", "0-2", "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "s").rglob("*.png")) == ["000000.png", "000001.png", "000002.png"]
     assert len((tmp_path / "s" / "samples.csv").read_text().splitlines()) == 4
+
+
+def test_a_bad_prompt_file_named_in_a_config_is_refused_up_front_leaving_no_trace(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # where a stage run with --config would stamp results/<experiment>/config/
+    (tmp_path / "latin1.txt").write_bytes(b"one\ncaf\xe9\n")
+    (tmp_path / "c.yaml").write_text("tracking: {uri: null}\nsample: {prompts: latin1.txt}\n")
+    message = "sample.prompts: prompt file latin1.txt, line 2: not UTF-8 text (byte 0xe9)"
+    assert main(["config", "show", "--config", "c.yaml"]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["sample", "--config", "c.yaml", "--solver", "euler", "--nfe", "3", "--outdir", "s"]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "latin1.txt"]

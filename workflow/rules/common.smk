@@ -3,7 +3,7 @@
 import os
 
 from epd.backbones import BACKBONES
-from epd.config import STAGE_SECTIONS, from_mapping, read_yaml, stamp
+from epd.config import STAGE_SECTIONS, check_inputs, from_mapping, read_yaml, stamp
 from epd.data import seed_count
 
 # relative to the working folder when inside it (a profile makes it absolute), as the commands in dvc.yaml read it
@@ -14,6 +14,7 @@ if config != read_yaml(CONFIGFILE):
     raise ValueError(f"the stages read {CONFIGFILE} itself: put changes in a config file (--configfile), not "
                      f"--config KEY=VALUE")
 CFG = from_mapping(config)  # checked before any job starts: a bad value stops here, naming its key
+check_inputs(CFG)  # and the prompt files it names
 RESULTS = str(CFG.results)
 REPORT = f"{RESULTS}/report"
 PARENT_RUN = f"{RESULTS}/pipeline-run.json"  # the MLflow run of this invocation (epd pipeline-run start)

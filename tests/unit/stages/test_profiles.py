@@ -40,3 +40,18 @@ def test_the_user_folder_is_where_snakemake_looks(monkeypatch, tmp_path):
     from snakemake.common import get_appdirs
 
     assert user_profile_dir() == tmp_path / "snakemake" == __import__("pathlib").Path(get_appdirs().user_config_dir)
+
+
+def test_the_slurm_profile_sets_resources_for_every_rule_that_runs_on_a_node():
+    """A rule missing from set-resources would go to the CPU partition with the default time and memory."""
+    import re
+
+    import yaml
+    rules_dir = PROFILES.parents[1] / "workflow" / "rules"
+    text = "\n".join(p.read_text() for p in sorted(rules_dir.glob("*.smk")))
+    blocks = re.split(r"^\s*rule (\w+):\n", text, flags=re.M)[1:]
+    on_nodes = {name for name, body in zip(blocks[::2], blocks[1::2])
+                if "localrule: True" not in body.split("\nrule ")[0]}
+    assert {"teacher", "teacher_shard", "distill", "rdpo", "evaluate"} <= on_nodes
+    profile = yaml.safe_load((PROFILES / "slurm" / "config.yaml").read_text())
+    assert on_nodes - set(profile["set-resources"]) == set()
