@@ -147,7 +147,7 @@ def test_tiny_pipeline_on_slurm(cluster, tmp_path):
                           text=True, check=True).stdout.split()
     # every non-local rule ran as a SLURM job, and every one completed: 1 teacher, distill, rdpo, 3 samples and the
     # reference, 4 evals
-    assert len(jobs) == 11 and all(j.split("|")[1] == "COMPLETED" for j in jobs), jobs
+    assert len(jobs) == 14 and all(j.split("|")[1] == "COMPLETED" for j in jobs), jobs
     assert {j.split("|")[2] for j in jobs} == {"gpu"}  # the profile's per-rule partition
     with (root / "results" / "tiny" / "report" / "summary.csv").open() as f:
         assert [(r["solver"], r["nfe"]) for r in csv.DictReader(f)] == [("epd", "3"), ("rdpo", "3"), ("euler", "3"),
