@@ -48,8 +48,8 @@ from .backbones import Backbone, load_backbone
 from .backbones.base import DataPoints
 from .metrics import frechet_distance, gaussian_stats
 from .metrics import reference as accuracy
-from .schedules import SCHEDULES
 from .metrics.digits import digit_features, fd_digits, fd_digits_stats, label_accuracy, load_digit_classifier
+from .schedules import SCHEDULES
 from .solvers import BASELINES, load_grid, load_table
 from .solvers.common import select_rows
 from .solvers.plan import Configured, check_grid_use, check_table_use, configure
