@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 from .. import tracking
 from ..config import STAGE_SECTIONS, Config
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     common.check_writable_file(f"{args.out}.json", "grid")
     run_cfg = LD3Config(**dataclasses.asdict(cfg.ld3), nfe=args.nfe)
     grid = learn_grid(args.teacher, args.out, run_cfg, progress=not args.no_progress)
-    prov = json.loads(open(f"{args.out}.json").read())["provenance"]
+    prov = json.loads(Path(f"{args.out}.json").read_text())["provenance"]
     tracking.set_tags({"solver": f"ld3_{grid.solver}", "nfe": grid.nfe, "backbone": grid.backbone,
                        "schedule": grid.schedule})
     tracking.log_metrics({"val_loss": prov["val_loss"], "start_val_loss": prov["start_val_loss"]})
