@@ -60,7 +60,8 @@ class DistillOptions:
     checkpoint_every: Annotated[int, Field(ge=1, description="iterations between resumable checkpoints")] = 100
     start_tables: Annotated[dict[int, str], Field(description="NFE -> a table to start from instead of distilling: "
                                                               "an epd table (NAME.json) or an EPD authors' snapshot "
-                                                              "(.pkl); Snakemake then runs no teacher for that NFE")] = \
+                                                              "(.pkl); Snakemake then runs no teacher for that NFE "
+                                                              "unless a peer (pipeline.peers) reads it")] = \
         field(default_factory=dict)
     learn_grid: Annotated[bool, Field(description="also learn the grid's interior sigmas (the table carries its "
                                                   "own grid)")] = False
