@@ -119,7 +119,8 @@ def _cells(cfg: BenchConfig, backbone) -> list[tuple[str, str, int, Configured]]
         label = label or ("distilled-epd-plugin" if table.meta.plugin else "distilled-epd")
         # a table that carries its own grid on a named schedule learned it
         grid = "learned" if table.meta.grid is not None and table.meta.schedule in SCHEDULES else table.meta.schedule
-        cells.append((label, grid, table.meta.nfe, configure("epd_plugin" if table.meta.plugin else "epd", table=table)))
+        run = configure("epd_plugin" if table.meta.plugin else "epd", table=table)
+        cells.append((label, grid, table.meta.nfe, run))
     for spec in cfg.grids:
         label, path = spec.split("=", 1) if "=" in spec else (None, spec)
         grid = load_grid(path)

@@ -36,14 +36,14 @@ from .teacher import TeacherConfig, load_manifest, load_teacher
 
 
 # Solvers whose grid ends at σ_min, where the teacher's solution is (Heun steps into σ = 0).
-SOLVERS = tuple(name for name in BASELINES if not solver(name).budget == "heun")
+LD3_SOLVERS = tuple(name for name in BASELINES if solver(name).budget != "heun")
 
 
 @dataclass(frozen=True)
 class LD3Options:
     """The learned-grid peer (config section ``ld3``): a hand-designed solver's grid fitted to the teacher."""
 
-    solver: Annotated[Literal[SOLVERS], Field(description="the fixed solver whose grid is learned")] = "ipndm"
+    solver: Annotated[Literal[LD3_SOLVERS], Field(description="the fixed solver whose grid is learned")] = "ipndm"
     start_schedule: Annotated[Literal[tuple(SCHEDULES)] | None, Field(
         description="schedule of the start grid (none: the teacher's)")] = None
     iterations: Annotated[int, Field(ge=1, description="Adam steps")] = 300
@@ -66,8 +66,8 @@ class LD3Config(LD3Options):
     nfe: Annotated[int, Field(ge=1, description="denoiser calls of the solver on the grid")] = 5
 
     def __post_init__(self):
-        if self.solver not in SOLVERS:
-            raise ValueError(f"ld3.solver must be one of {list(SOLVERS)}, got {self.solver!r}"
+        if self.solver not in LD3_SOLVERS:
+            raise ValueError(f"ld3.solver must be one of {list(LD3_SOLVERS)}, got {self.solver!r}"
                              + (f": {self.solver} steps into σ = 0, but the teacher ends at σ_min"
                                 if self.solver in BASELINES else ""))
         plan_for_nfe(self.solver, self.nfe)   # an NFE the solver cannot spend fails here
@@ -101,7 +101,8 @@ def learn_grid(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: LD3C
     order = torch.randperm(len(noise), generator=gen)
     n_val = max(1, round(cfg.val_fraction * len(noise)))
     if n_val >= len(noise):
-        raise ValueError(f"ld3: the teacher has {len(noise)} samples, too few to hold out {n_val} and train on the rest")
+        raise ValueError(f"ld3: the teacher has {len(noise)} samples, too few to hold out {n_val} and train on the "
+                         f"rest")
     val, train = order[:n_val], order[n_val:]
 
     def val_loss() -> float:
@@ -141,4 +142,4 @@ def learn_grid(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: LD3C
     return grid
 
 
-__all__ = ["LD3Config", "LD3Options", "SOLVERS", "final_state_loss", "learn_grid"]
+__all__ = ["LD3Config", "LD3Options", "LD3_SOLVERS", "final_state_loss", "learn_grid"]

@@ -20,7 +20,7 @@ from .table import SolverTable, TableError, TableMeta, handset_table, load_table
 
 __all__ = [
     "BASELINES", "Denoiser", "GridError", "SOLVERS", "Solver", "SolverGrid", "SolverTable", "TEACHERS", "TableError",
-    "TableMeta", "handset_table", "load_grid", "load_table", "save_grid", "nfe", "reference_error", "sample_dpm2", "sample_dpmpp_2m", "sample_dpmpp_3m",
-    "sample_epd", "sample_euler", "sample_heun", "sample_ipndm", "sample_reference", "sample_unipc", "save_table",
-    "solve_reference", "solver", "to_d",
+    "TableMeta", "handset_table", "load_grid", "load_table", "nfe", "reference_error", "sample_dpm2", "sample_dpmpp_2m",
+    "sample_dpmpp_3m", "sample_epd", "sample_euler", "sample_heun", "sample_ipndm", "sample_reference", "sample_unipc",
+    "save_grid", "save_table", "solve_reference", "solver", "to_d",
 ]

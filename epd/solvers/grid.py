@@ -3,8 +3,8 @@
 On disk a grid is one small JSON file, ``NAME.json``: ``format`` ("epd-solver-grid"), ``format_version``, ``solver``
 (a baseline name), ``grid`` (σ_0 > … > σ_{N−1} > 0, or a trailing 0 for solvers that step into it), ``afs``,
 ``nfe`` (derived from the rest and checked), ``backbone``, ``schedule`` (the schedule of the teacher it was fitted
-to: the grid belongs to configs of that schedule and overrides its points), ``conditions`` (the labels or prompts it was fitted on,
-null if unconditional) and free-form ``provenance``. Nothing here unpickles.
+to: the grid belongs to configs of that schedule and overrides its points), ``conditions`` (the labels or prompts
+it was fitted on, null if unconditional) and free-form ``provenance``. Nothing here unpickles.
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ class SolverGrid:
 
     def to_json(self) -> dict[str, Any]:
         return {"solver": self.solver, "grid": list(self.grid), "afs": self.afs, "nfe": self.nfe,
-                "backbone": self.backbone, "schedule": self.schedule, "conditions": None if self.conditions is None else list(self.conditions)}
+                "backbone": self.backbone, "schedule": self.schedule,
+                "conditions": None if self.conditions is None else list(self.conditions)}
 
 
 def _is_number(v: Any) -> bool:
@@ -190,5 +191,5 @@ class GridParams(torch.nn.Module):
         return torch.cat([hi.reshape(1), interior, lo.reshape(1)])
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "GridError", "GridParams", "SolverGrid", "grid_path", "is_grid_file", "load_grid",
-           "save_grid"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "GridError", "GridParams", "SolverGrid", "grid_path", "is_grid_file",
+           "load_grid", "save_grid"]

@@ -26,7 +26,8 @@ GRID = (80.0, 9.5, 1.25, 0.31, 0.002)   # not any named schedule
 
 def good_header() -> dict:
     return {"format": "epd-solver-grid", "format_version": 1, "solver": "ipndm", "grid": list(GRID), "afs": False,
-            "nfe": 4, "backbone": "gmm-digits", "schedule": "time_uniform", "conditions": list(range(10)), "provenance": {"by": "hand"}}
+            "nfe": 4, "backbone": "gmm-digits", "schedule": "time_uniform", "conditions": list(range(10)),
+            "provenance": {"by": "hand"}}
 
 
 def write(path, header) -> None:
