@@ -1,4 +1,4 @@
-# epd pipeline: teacher trajectories -> distillation -> RDPO -> samples -> evaluation -> report.
+# epd pipeline: teacher trajectories -> distillation -> RDPO (and learned peers: LD3) -> samples -> evaluation -> report.
 # From the repository root:  snakemake --profile default   (or --profile slurm; an experiment: --configfile
 # config/sd15.yaml). dvc.yaml declares the same jobs (tests/system/test_dvc.py checks that the two agree).
 from snakemake.utils import min_version
@@ -19,6 +19,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/teacher.smk"
 include: "workflow/rules/distill.smk"
+include: "workflow/rules/ld3.smk"
 include: "workflow/rules/rdpo.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"

@@ -49,9 +49,10 @@ from .backbones.base import DataPoints
 from .metrics import frechet_distance, gaussian_stats
 from .metrics import reference as accuracy
 from .metrics.digits import digit_features, fd_digits, fd_digits_stats, label_accuracy, load_digit_classifier
-from .solvers import BASELINES, load_table
+from .schedules import SCHEDULES
+from .solvers import BASELINES, load_grid, load_table
 from .solvers.common import select_rows
-from .solvers.plan import Configured, check_table_use, configure
+from .solvers.plan import Configured, check_grid_use, check_table_use, configure
 from .solvers.reference import reference_error, reference_steps, solve_reference
 
 DEFAULT_SOLVERS = [*BASELINES, "epd", "epd_plugin"]
@@ -68,6 +69,8 @@ class BenchConfig:
     # EPD tables (e.g. distilled) measured beside, as PATH or LABEL=PATH; tables sharing a label form one row per
     # grid (default label: distilled-epd / distilled-epd-plugin)
     tables: list[str] = field(default_factory=list)
+    # Learned grids of baselines (epd ld3), as PATH or LABEL=PATH (default label: ld3-SOLVER), grid column "learned"
+    grids: list[str] = field(default_factory=list)
     num_samples: int = 10_000                          # per seed set
     seed_sets: int = 2
     first_seed: int = 0                                # seed set k is first_seed + [k·num_samples, (k+1)·num_samples)
@@ -114,8 +117,15 @@ def _cells(cfg: BenchConfig, backbone) -> list[tuple[str, str, int, Configured]]
         table = load_table(path)
         check_table_use(table, backbone=backbone.name, sigma_max=backbone.sigma_max, source=path)
         label = label or ("distilled-epd-plugin" if table.meta.plugin else "distilled-epd")
-        cells.append((label, table.meta.schedule, table.meta.nfe,
-                      configure("epd_plugin" if table.meta.plugin else "epd", table=table)))
+        # a table that carries its own grid on a named schedule learned it
+        grid = "learned" if table.meta.grid is not None and table.meta.schedule in SCHEDULES else table.meta.schedule
+        run = configure("epd_plugin" if table.meta.plugin else "epd", table=table)
+        cells.append((label, grid, table.meta.nfe, run))
+    for spec in cfg.grids:
+        label, path = spec.split("=", 1) if "=" in spec else (None, spec)
+        grid = load_grid(path)
+        check_grid_use(grid, backbone=backbone.name, sigma_max=backbone.sigma_max, source=path)
+        cells.append((label or f"ld3-{grid.solver}", "learned", grid.nfe, configure(grid.solver, grid=grid)))
     return cells
 
 

@@ -9,14 +9,15 @@ from pathlib import Path
 
 from . import tracking
 from .config import ConfigError
-from .stages import (benchmark, common, distill, evaluate, import_table, pipeline_run, profiles, rdpo, report, sample,
-                     teacher, train_backbone)
+from .stages import (benchmark, common, distill, evaluate, import_table, ld3, pipeline_run, profiles, rdpo, report,
+                     sample, teacher, train_backbone)
 from .stages import config as config_cmd
 
 # The commands, in the order `epd --help` lists them.
 COMMANDS = {
     "teacher": teacher,
     "distill": distill,
+    "ld3": ld3,
     "rdpo": rdpo,
     "sample": sample,
     "evaluate": evaluate,

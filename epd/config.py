@@ -29,6 +29,7 @@ from .data import read_prompts
 from .distill import DistillOptions
 from .evaluate import EvaluateOptions
 from .io import atomic_write
+from .ld3 import LD3Options
 from .options import Field, OptionsError
 from .rdpo.train import RDPOOptions
 from .sample import SampleOptions
@@ -56,9 +57,12 @@ class PipelineOptions:
         field(default_factory=lambda: ["euler", "dpmpp_2m", "unipc", "ipndm"])
     baseline_nfe: Annotated[list[Annotated[int, Field(ge=1)]], Field(description="NFEs of the baselines")] = \
         field(default_factory=lambda: [3, 5, 7, 9])
+    peers: Annotated[list[Literal["ld3"]], Field(description="learned peers at every nfe, on EPD's teacher (ld3: "
+                                                             "the ld3.solver on a learned grid)")] = \
+        field(default_factory=list)
 
     def __post_init__(self):
-        for key in ("nfe", "baselines", "baseline_nfe"):
+        for key in ("nfe", "baselines", "baseline_nfe", "peers"):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ValueError(f"{key} lists a value twice: {values}")
@@ -87,6 +91,7 @@ class Config:
     pipeline: PipelineOptions = field(default_factory=PipelineOptions)
     teacher: TeacherOptions = field(default_factory=TeacherOptions)
     distill: DistillOptions = field(default_factory=DistillOptions)
+    ld3: LD3Options = field(default_factory=LD3Options)
     rdpo: RDPOOptions = field(default_factory=RDPOOptions)
     sample: SampleOptions = field(default_factory=SampleOptions)
     evaluate: EvaluateOptions = field(default_factory=EvaluateOptions)
@@ -109,6 +114,7 @@ class Config:
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "teacher": ("backbone", "schedule", "teacher"),
     "distill": ("distill",),
+    "ld3": ("ld3",),
     "rdpo": ("backbone", "rdpo", "weights"),
     "sample": ("backbone", "schedule", "sample"),
     "evaluate": ("evaluate", "weights"),

@@ -7,6 +7,14 @@ Earlier steps are **not** detached: gradients flow through the whole trajectory,
 from the errors they cause later (upstream trains step by step on detached inputs; end-to-end gives lower final
 error here at the same cost). Adam with a cosine learning rate; checkpoints hold the parameters, the optimiser, the
 batch RNG and the loss history, so a resumed run is identical to an uninterrupted one.
+
+``learn_grid`` also fits the grid's interior σ (ends fixed, strictly decreasing: :class:`GridParams`), the idea of
+S4S-Alt (Frankel et al. 2025) of learning solver and grid together. The teacher holds states only at the start
+grid's points, so once the grid moves only the final state (σ_min never moves) is comparable: the first
+``grid_warmup`` of the iterations fit the table on the start grid with the whole trajectory loss, the rest fit table
+and grid jointly on the final-state distance. (Targets interpolated to the moved points mislead the grid; joint
+final-state fitting from the first iteration lands in a worse optimum.) The table keeps the teacher's schedule name
+and carries the learned grid (``meta.grid``), so it belongs to the same config and overrides the schedule's points.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from .io import atomic_write, code_version, load_optimizer, optimizer_tensors, s
 from .options import Field
 from .solvers import SolverTable, handset_table, sample_epd, save_table
 from .solvers.common import select_rows
+from .solvers.grid import GridParams
 from .solvers.plan import plan_for_nfe
 from .teacher import TeacherConfig, load_manifest, load_teacher
 
@@ -51,8 +60,18 @@ class DistillOptions:
     checkpoint_every: Annotated[int, Field(ge=1, description="iterations between resumable checkpoints")] = 100
     start_tables: Annotated[dict[int, str], Field(description="NFE -> a table to start from instead of distilling: "
                                                               "an epd table (NAME.json) or an EPD authors' snapshot "
-                                                              "(.pkl); Snakemake then runs no teacher for that NFE")] = \
+                                                              "(.pkl); Snakemake then runs no teacher for that NFE "
+                                                              "unless a peer (pipeline.peers) reads it")] = \
         field(default_factory=dict)
+    learn_grid: Annotated[bool, Field(description="also learn the grid's interior sigmas (the table carries its "
+                                                  "own grid)")] = False
+    grid_lr_scale: Annotated[float, Field(gt=0, description="the grid's learning rate as a multiple of lr")] = 1.0
+    grid_warmup: Annotated[float, Field(ge=0, lt=1, description="fraction of the iterations before the grid moves "
+                                                                "(fitted on the whole trajectory until then)")] = 0.5
+
+    def grid_moves(self, it: int) -> bool:
+        """Whether iteration ``it`` fits the grid (and, the teacher's points having moved, the final state only)."""
+        return self.learn_grid and it >= round(self.grid_warmup * self.iterations)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -66,11 +85,14 @@ class DistillConfig(DistillOptions):
 
 
 class TableParams(torch.nn.Module):
-    """Unconstrained parameters of a table; :meth:`table` maps them to a valid :class:`SolverTable`."""
+    """Unconstrained parameters of a table; :meth:`table` maps them to a valid :class:`SolverTable`, and
+    :meth:`sigmas` is its grid (learnable with ``learn_grid``, else the start's)."""
 
-    def __init__(self, start: SolverTable):
+    def __init__(self, start: SolverTable, learn_grid: bool = False):
         super().__init__()
         self.meta = start.meta
+        self.register_buffer("start_sigmas", start.meta.sigmas())
+        self.grid = GridParams(self.start_sigmas) if learn_grid else None
         r = start.positions.double()
         segments = torch.diff(r, prepend=r.new_zeros(r.shape[:-1] + (1,)), append=r.new_ones(r.shape[:-1] + (1,)))
         self.position_logits = torch.nn.Parameter(segments.log())
@@ -81,6 +103,12 @@ class TableParams(torch.nn.Module):
     @staticmethod
     def _atanh(v: torch.Tensor) -> torch.Tensor:
         return torch.atanh(v.nan_to_num(0.0).clamp(-0.999, 0.999))
+
+    def sigmas(self) -> torch.Tensor:
+        return self.start_sigmas if self.grid is None else self.grid()
+
+    def table_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.position_logits, self.weight_logits, self.dir_raw, self.time_raw]
 
     def table(self) -> SolverTable:
         bound = self.meta.scale_bound
@@ -100,14 +128,15 @@ def cosine_lr(cfg: DistillConfig, it: int) -> float:
 
 
 def trajectory_loss(table: SolverTable, denoiser, states: torch.Tensor, sigmas: torch.Tensor, cond,
-                    cfg: DistillConfig) -> torch.Tensor:
-    """Σ_n w_n · mean |x_n^student − x_n^teacher|², the student started from the teacher's first state."""
+                    cfg: DistillConfig, final_only: bool = False) -> torch.Tensor:
+    """Σ_n w_n · mean |x_n^student − x_n^teacher|², the student started from the teacher's first state; with
+    ``final_only`` (a grid that moved off the teacher's points) just the final term, weighted 1."""
     reached = []
     sample_epd(denoiser, states[:, 0], sigmas, table, cond=cond, callback=lambda info: reached.append(info["x"]))
     student = torch.stack(reached, 1)
     per_step = ((student - states[:, 1:]) ** 2).flatten(2).mean(-1).mean(0)   # [N − 1]
-    weights = torch.ones_like(per_step)
-    weights[-1] = cfg.final_weight
+    weights = torch.zeros_like(per_step) if final_only else torch.ones_like(per_step)
+    weights[-1] = 1.0 if final_only else cfg.final_weight
     return (weights * per_step).sum()
 
 
@@ -176,8 +205,11 @@ def distill(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: Distill
                                          sort_keys=True).encode()).hexdigest()
 
     torch.manual_seed(cfg.seed)
-    params = TableParams(start)
-    opt = torch.optim.Adam(params.parameters(), lr=cfg.lr)
+    params = TableParams(start, learn_grid=cfg.learn_grid)
+    groups = [{"params": params.table_parameters(), "scale": 1.0}]
+    if params.grid is not None:
+        groups.append({"params": list(params.grid.parameters()), "scale": cfg.grid_lr_scale})
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     it, losses = _load_checkpoint(out, params, opt, gen, run_hash)
     logged = 0   # iterations already sent to MLflow; a resumed run sends the checkpoint's history first
@@ -191,9 +223,10 @@ def distill(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: Distill
     while it < cfg.iterations:
         idx = torch.randint(len(states), (cfg.batch,), generator=gen)
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(cfg, it)
-        loss = trajectory_loss(params.table(), backbone, states[idx], sigmas, select_rows(all_cond, cond_ids[idx]),
-                               cfg)
+            group["lr"] = cosine_lr(cfg, it) * group["scale"]
+        moving = cfg.grid_moves(it)
+        loss = trajectory_loss(params.table(), backbone, states[idx], params.sigmas() if moving else sigmas,
+                               select_rows(all_cond, cond_ids[idx]), cfg, final_only=moving)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -212,6 +245,8 @@ def distill(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: Distill
     with torch.no_grad():
         table = params.table()
         table = dataclasses.replace(table, **{k: v.detach().float() for k, v in table.tensors().items()})
+        if cfg.learn_grid:
+            table.meta = dataclasses.replace(table.meta, grid=params.sigmas().tolist())
     save_table(table, out, provenance={"distill": cfg.to_json(), "teacher": str(teacher_dir),
                                        "teacher_config": manifest["config"],
                                        "teacher_config_hash": manifest["config_hash"], "final_loss": losses[-1],

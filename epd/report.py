@@ -25,7 +25,9 @@ RUN_NAME = re.compile(r"^(?P<solver>[A-Za-z0-9_]+)-nfe(?P<nfe>\d+)$")
 REFERENCE = "reference"   # the folder of the reference solver's samples: its row is the floor, not a contender
 OUTPUTS = ("summary.md", "summary.csv", "quality_vs_nfe.png", "curves.png", "grids.png")
 GRID_IMAGES = 10  # samples per solver row in grids.png
-LEARNED = ("epd", "rdpo")  # the pipeline's own tables: listed before the baselines
+LEARNED = ("epd", "rdpo", "ld3")  # the pipeline's own tables and learned peers: listed before the baselines
+SOLVER_NAMES = {"euler": "Euler", "dpm2": "DPM-Solver-2", "dpmpp_2m": "DPM-Solver++(2M)",
+                "dpmpp_3m": "DPM-Solver++(3M)", "unipc": "UniPC", "ipndm": "iPNDM"}
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,23 @@ def headline(entry: dict[str, float] | None) -> float:
     return math.nan if value is None else float(value)
 
 
-def format_table(rows: Sequence[Row], reference: dict | None = None) -> str:
+def peer_labels(results: str | os.PathLike) -> dict[str, str]:
+    """How the report names the learned peers of a results folder: ``ld3`` → ``LD3 (iPNDM)``, its solver read from
+    the grid files (``tables/ld3-nfe<N>.json``)."""
+    solvers = set()
+    for path in Path(results).glob("tables/ld3-nfe*.json"):
+        try:
+            solvers.add(json.loads(path.read_text())["solver"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path} is not a grid file written by `epd ld3`") from None
+    return {"ld3": f"LD3 ({', '.join(SOLVER_NAMES.get(s, s) for s in sorted(solvers))})"} if solvers else {}
+
+
+def format_table(rows: Sequence[Row], reference: dict | None = None, labels: dict[str, str] | None = None) -> str:
     """Markdown: one row per solver × NFE, one column per metric (mean ± std for per-image metrics), the best row of
     each NFE in bold, the reference's own row last; then the note on what the metrics measure and, given
-    ``reference`` (its reference.json), the reference's own error."""
+    ``reference`` (its reference.json), the reference's own error. ``labels`` renames solvers (learned peers)."""
+    labels = labels or {}
     names = metric_names(rows)
     best = best_per_nfe(rows)
     lines = ["| solver | NFE | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
@@ -124,7 +139,8 @@ def format_table(rows: Sequence[Row], reference: dict | None = None) -> str:
             text = ("" if e is None else f"{e['value']:.4g}" if "value" in e
                     else f"{e['mean']:.4g} ± {e.get('std', math.nan):.2g}")
             cells.append(f"**{text}**" if text and (r.solver, r.nfe, m) in best else text)
-        lines.append(f"| {r.solver} | {'—' if r.nfe is None else r.nfe} | " + " | ".join(cells) + " |")
+        nfe = "—" if r.nfe is None else r.nfe
+        lines.append(f"| {labels.get(r.solver, r.solver)} | {nfe} | " + " | ".join(cells) + " |")
     lines += ["", metrics_note(rows)]
     if reference:
         same = "" if reference.get("same_mode") is None else f", same mode {reference['same_mode']:.4f}"
@@ -171,8 +187,9 @@ def _save(fig, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def plot_quality(rows: Sequence[Row], path: Path) -> None:
-    """One panel per metric: its headline value against NFE, one line per solver."""
+def plot_quality(rows: Sequence[Row], path: Path, labels: dict[str, str] | None = None) -> None:
+    """One panel per metric: its headline value against NFE, one line per solver (``labels`` renames solvers)."""
+    labels = labels or {}
     plt = _pyplot()
     names = metric_names(rows)
     cols = min(len(names), 3)
@@ -181,7 +198,7 @@ def plot_quality(rows: Sequence[Row], path: Path) -> None:
     for ax, m in zip(axes.flat, names):
         for solver in dict.fromkeys(r.solver for r in rows if r.solver != REFERENCE):
             pts = [(r.nfe, headline(r.metrics.get(m))) for r in rows if r.solver == solver]
-            ax.plot(*zip(*pts), marker="o", label=solver)
+            ax.plot(*zip(*pts), marker="o", label=labels.get(solver, solver))
         for r in rows:
             if r.solver == REFERENCE and not math.isnan(headline(r.metrics.get(m))):
                 ax.axhline(headline(r.metrics.get(m)), color="k", ls="--", lw=1, label=REFERENCE)
@@ -304,13 +321,14 @@ def write_report(results: str | os.PathLike, outdir: str | os.PathLike) -> str:
         read_curve(Path(p))
     for folder in samples:
         sample_images(folder, 1)
+    labels = peer_labels(results)
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     ref_json = Path(results) / "samples" / REFERENCE / "reference.json"
-    table = format_table(rows, json.loads(ref_json.read_text()) if ref_json.is_file() else None)
+    table = format_table(rows, json.loads(ref_json.read_text()) if ref_json.is_file() else None, labels)
     atomic_write(out / "summary.md", table.encode())
     atomic_write(out / "summary.csv", format_csv(rows).encode())
-    plot_quality(rows, out / "quality_vs_nfe.png")
+    plot_quality(rows, out / "quality_vs_nfe.png", labels)
     plot_curves(curves, out / "curves.png")
     plot_grids(samples, out / "grids.png")
     tracking.log_metrics({f"{m}/{r.solver}" + ("" if r.nfe is None else f"-nfe{r.nfe}"): headline(e)
@@ -320,4 +338,5 @@ def write_report(results: str | os.PathLike, outdir: str | os.PathLike) -> str:
     return table
 
 
-__all__ = ["Row", "find_results", "format_csv", "format_table", "parse_run_name", "read_summaries", "write_report"]
+__all__ = ["Row", "find_results", "format_csv", "format_table", "parse_run_name", "peer_labels", "read_summaries",
+           "write_report"]

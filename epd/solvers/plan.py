@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import schedules
+from .grid import GridError, SolverGrid
 from .reference import reference_grid, reference_steps
 from .registry import SOLVERS, nfe as count_nfe, solver as lookup
 from .table import EXPLICIT, SolverTable, TableError, handset_table
@@ -88,32 +89,48 @@ def check_table_use(table: SolverTable, *, backbone: str | None = None, sigma_ma
     own schedule; a table with its own grid (schedule "explicit") refuses any named schedule.
     """
     m = table.meta
-    if backbone is not None and m.backbone not in ("", backbone):
-        raise TableError(f"{source} was made for backbone {m.backbone!r}, not {backbone!r}")
-    if sigma_max is not None:
-        start = float(m.sigmas()[0])
-        if not math.isclose(start, sigma_max, rel_tol=1e-6):
-            raise TableError(f"{source}'s grid starts at sigma={start:g}, but the backbone's samples start at "
-                             f"sigma_max={sigma_max:g}: the table is for another noise range")
-    if schedule is not None and schedule != m.schedule:
-        if m.grid is not None:
-            raise TableError(f"{source} carries its own grid (schedule {EXPLICIT!r}) and ignores the schedule "
-                             f"options; asked for schedule {schedule!r}: leave the schedule unset")
-        raise TableError(f"{source} was made on schedule {m.schedule!r}, which fixes its grid; asked for "
-                         f"schedule {schedule!r}")
+    _check_fit(TableError, source, m.backbone, float(m.sigmas()[0]), m.schedule, m.grid is not None, backbone,
+               sigma_max, schedule)
+
+
+def check_grid_use(grid: SolverGrid, *, backbone: str | None = None, sigma_max: float | None = None,
+                   schedule: str | None = None, source: str = "the grid") -> None:
+    """:func:`check_table_use` for a learned grid (:class:`SolverGrid`): it carries its own grid, learned against a
+    teacher on ``grid.schedule``; a request for another schedule is refused with a :class:`GridError`."""
+    _check_fit(GridError, source, grid.backbone, grid.grid[0], grid.schedule, True, backbone, sigma_max, schedule)
+
+
+def _check_fit(error: type[Exception], source: str, have_backbone: str, start: float, have_schedule: str,
+               own_grid: bool, backbone: str | None, sigma_max: float | None, schedule: str | None) -> None:
+    if backbone is not None and have_backbone not in ("", backbone):
+        raise error(f"{source} was made for backbone {have_backbone!r}, not {backbone!r}")
+    if sigma_max is not None and not math.isclose(start, sigma_max, rel_tol=1e-6):
+        raise error(f"{source}'s grid starts at sigma={start:g}, but the backbone's samples start at "
+                    f"sigma_max={sigma_max:g}: it is for another noise range")
+    if schedule is None or schedule == have_schedule:
+        return
+    if have_schedule == EXPLICIT:
+        raise error(f"{source} carries its own grid (schedule {EXPLICIT!r}) and ignores the schedule options; "
+                    f"asked for schedule {schedule!r}: leave the schedule unset")
+    if own_grid:
+        raise error(f"{source} carries its own grid, learned on schedule {have_schedule!r}; asked for schedule "
+                    f"{schedule!r}: use {have_schedule!r} or leave the schedule unset")
+    raise error(f"{source} was made on schedule {have_schedule!r}, which fixes its grid; asked for schedule "
+                f"{schedule!r}")
 
 
 def configure(solver: str, nfe: int | None = None, *, schedule: str | None = None, sigma_min: float = 0.002,
               sigma_max: float = 80.0, rho: float = 7.0, table: SolverTable | None = None,
               num_points: int = 2, schedule_args: dict | None = None, steps: int | None = None,
-              **table_meta) -> Configured:
+              grid: SolverGrid | None = None, **table_meta) -> Configured:
     """Bind a solver to a grid. ``solver`` is a baseline name, ``"epd"``, ``"epd_plugin"`` or ``"reference"``.
 
     ``schedule`` defaults to ``"polynomial"``. EPD takes ``table`` (its metadata fixes grid and NFE, and the
     schedule options are unused: see :func:`check_table_use` to refuse a conflicting request) or, without one, a
     hand-set table of ``num_points`` built for ``nfe`` on the given schedule. The reference
     (:mod:`epd.solvers.reference`) is set by ``steps``, its grid points uniform in log σ (default: per backbone,
-    from ``backbone=`` among ``table_meta``), not by an NFE.
+    from ``backbone=`` among ``table_meta``), not by an NFE. A baseline takes a learned ``grid`` (a
+    :class:`SolverGrid` for that solver, which fixes grid, AFS and NFE) instead of a schedule.
     """
     if solver == "reference":
         return _configure_reference(nfe, schedule, table, steps, sigma_min, sigma_max, table_meta.get("backbone"))
@@ -132,6 +149,12 @@ def configure(solver: str, nfe: int | None = None, *, schedule: str | None = Non
         elif nfe is not None and nfe != table.meta.nfe:
             raise ValueError(f"the table is for nfe={table.meta.nfe}, asked for nfe={nfe}")
         return Configured(solver, table.meta.sigmas(), table.meta.afs, table)
+    if grid is not None:
+        if grid.solver != solver:
+            raise GridError(f"the grid is for {grid.solver!r}, asked for {solver!r}")
+        if nfe is not None and nfe != grid.nfe:
+            raise GridError(f"the grid is for nfe={grid.nfe}, asked for nfe={nfe}")
+        return Configured(solver, grid.sigmas(), grid.afs)
     if nfe is None:
         raise ValueError(f"{solver} needs an nfe")
     plan = plan_for_nfe(solver, nfe)
@@ -141,13 +164,17 @@ def configure(solver: str, nfe: int | None = None, *, schedule: str | None = Non
 
 def configure_for(backbone, solver: str, nfe: int | None = None, *, table: SolverTable | None = None,
                   schedule: str = "polynomial", rho: float = 7.0, num_points: int = 2,
-                  steps: int | None = None) -> Configured:
+                  steps: int | None = None, grid: SolverGrid | None = None) -> Configured:
     """:func:`configure` on ``backbone``'s own grid: the schedule's σ range and arguments come from the backbone
-    (and a schedule it cannot run on is refused); a table must fit the backbone (:func:`check_table_use`); the
-    reference runs on the backbone's σ range with ``steps`` points (default: per backbone)."""
+    (and a schedule it cannot run on is refused); a table or learned grid must fit the backbone
+    (:func:`check_table_use`, :func:`check_grid_use`); the reference runs on the backbone's σ range with ``steps``
+    points (default: per backbone)."""
     if solver == "reference":
         return configure("reference", steps=steps, sigma_min=backbone.sigma_min, sigma_max=backbone.sigma_max,
                          backbone=backbone.name)
+    if grid is not None:
+        check_grid_use(grid, backbone=backbone.name, sigma_max=backbone.sigma_max)
+        return configure(grid.solver, nfe, grid=grid)
     if table is not None:
         check_table_use(table, backbone=backbone.name, sigma_max=backbone.sigma_max)
         if not math.isclose(table.meta.guidance, backbone.guidance):

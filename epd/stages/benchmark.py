@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nfes", nargs="+", type=int, default=bench.nfes)
     p.add_argument("--tables", nargs="*", default=[],
                    help="EPD tables to measure beside the solvers, as PATH or LABEL=PATH (same label: one row)")
+    p.add_argument("--grids", nargs="*", default=[],
+                   help="learned grids (`epd ld3`) to measure beside the solvers, as PATH or LABEL=PATH (default "
+                        "label: ld3-SOLVER)")
     p.add_argument("--num-samples", type=int, default=bench.num_samples, help="samples per seed set")
     p.add_argument("--seed-sets", type=int, default=bench.seed_sets,
                    help="disjoint seed sets (their spread is the noise)")
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     out = common.check_writable_dir(args.outdir, "output folder")
     bench = BenchConfig(
         backbone=cfg.backbone.name, backbone_options=common.backbone_options(cfg), solvers=args.solvers,
-        schedules=args.schedules, nfes=args.nfes, tables=args.tables, num_samples=args.num_samples,
+        schedules=args.schedules, nfes=args.nfes, tables=args.tables, grids=args.grids, num_samples=args.num_samples,
         seed_sets=args.seed_sets, batch_size=args.batch, reference_steps=args.reference_steps,
         reference_check=args.reference_check, labels=None if args.unconditional else BenchConfig().labels,
     )

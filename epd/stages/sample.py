@@ -11,8 +11,10 @@ from ..config import STAGE_SECTIONS, Config
 from ..data import parse_labels, parse_seeds, read_prompts
 from ..options import given_flags, json_object
 from ..sample import check_sample_dir, gather_samples, generate, save_grid, shard_slices, write_samples
-from ..solvers import SOLVERS, load_table, reference_error
-from ..solvers.plan import check_table_use, configure_for
+from ..solvers import SOLVERS, load_grid, load_table, reference_error
+from ..solvers.grid import is_grid_file
+from ..solvers.table import EXPLICIT
+from ..solvers.plan import check_grid_use, check_table_use, configure_for
 from . import common
 
 HELP = "generate images with a baseline solver or an EPD table"
@@ -37,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="solver (epd: a hand-set table unless --table is given; reference: the converged solution, "
                         "sample.reference_steps on a log-σ grid, its own error in reference.json)")
     p.add_argument("--nfe", type=int, default=5, help="denoiser calls per sample (a --table fixes its own)")
-    p.add_argument("--table", help="EPD table (NAME.json / NAME.safetensors); fixes solver, grid and NFE")
+    p.add_argument("--table", help="EPD table (NAME.json / NAME.safetensors) or learned grid (`epd ld3`, NAME.json: "
+                                   "its solver on its grid); fixes solver, grid and NFE")
     p.add_argument("--num-points", type=int, default=2, help="K of a hand-set EPD table")
     p.add_argument("--prompt", help='one prompt for all seeds, e.g. "a handwritten 3" (instead of --labels or '
                                     '--prompt-file)')
@@ -94,13 +97,22 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         common.check_writable_file(f"{args.outdir}/grid.png", "grid")
     else:
         check_sample_dir(common.check_writable_dir(args.outdir, "output folder"), args.overwrite)
-    table = load_table(args.table) if args.table else None
-    if table is not None:   # an explicit --schedule must be the table's own (a table fixes its grid)
-        check_table_use(table, schedule=given_flags(args, "schedule").get("name"), source=args.table)
+    grid = load_grid(args.table) if args.table and is_grid_file(args.table) else None
+    table = load_table(args.table) if args.table and grid is None else None
+    # An explicit --schedule must be the table's own (a table fixes its grid); one that carries a grid learned on
+    # a schedule also refuses a config of another schedule (the config's other stages ran on that one).
+    asked = given_flags(args, "schedule").get("name")
+    if args.config and asked is None and (grid is not None or (table is not None and table.meta.grid is not None
+                                                                and table.meta.schedule != EXPLICIT)):
+        asked = cfg.schedule.name
+    if table is not None:
+        check_table_use(table, schedule=asked, source=args.table)
+    if grid is not None:
+        check_grid_use(grid, schedule=asked, source=args.table)
     backbone = common.load(cfg)
-    reference = args.solver == "reference" and table is None
-    run_ = configure_for(backbone, args.solver, None if table is not None or reference else args.nfe, table=table,
-                         schedule=cfg.schedule.name, rho=cfg.schedule.rho, num_points=args.num_points,
+    reference = args.solver == "reference" and args.table is None
+    run_ = configure_for(backbone, args.solver, None if args.table or reference else args.nfe, table=table,
+                         grid=grid, schedule=cfg.schedule.name, rho=cfg.schedule.rho, num_points=args.num_points,
                          steps=s.reference_steps if reference else None)
     if args.grid and distributed.world_size() > 1:
         raise ValueError("--grid is one image from one process: run it without torchrun")
@@ -127,8 +139,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         out = write_samples(backbone, run_, seeds, args.outdir, labels=labels, prompts=prompts, batch_size=s.batch,
                             subdirs=s.subdirs, overwrite=args.overwrite, progress=not args.no_progress,
                             extra_files=extra)
-    tracking.set_tags({"solver": run_.name, "nfe": run_.nfe, "backbone": backbone.name,
-                       "schedule": table.meta.schedule if table is not None else cfg.schedule.name})
+    tracking.set_tags({"solver": f"ld3_{run_.name}" if grid is not None else run_.name, "nfe": run_.nfe,
+                       "backbone": backbone.name, "schedule": table.meta.schedule if table is not None else
+                       grid.schedule if grid is not None else cfg.schedule.name})
     tracking.log_metrics({"num_samples": len(seeds)})
     if distributed.is_main():
         print(f"{len(seeds)} samples, solver={run_.name} nfe={run_.nfe} -> {out}")

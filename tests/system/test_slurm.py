@@ -145,13 +145,13 @@ def test_tiny_pipeline_on_slurm(cluster, tmp_path):
     assert out.returncode == 0, out.stdout[-6000:]
     jobs = subprocess.run(["squeue", "-h", "--states=all", "-o", "%j|%T|%P"], env=cluster, capture_output=True,
                           text=True, check=True).stdout.split()
-    # every non-local rule ran as a SLURM job, and every one completed: 1 teacher, distill, rdpo, 3 samples and the
-    # reference, 4 evals
-    assert len(jobs) == 11 and all(j.split("|")[1] == "COMPLETED" for j in jobs), jobs
+    # every non-local rule ran as a SLURM job, and every one completed: 1 teacher, distill, ld3, rdpo, 4 samples and
+    # the reference, 5 evals
+    assert len(jobs) == 14 and all(j.split("|")[1] == "COMPLETED" for j in jobs), jobs
     assert {j.split("|")[2] for j in jobs} == {"gpu"}  # the profile's per-rule partition
     with (root / "results" / "tiny" / "report" / "summary.csv").open() as f:
-        assert [(r["solver"], r["nfe"]) for r in csv.DictReader(f)] == [("epd", "3"), ("rdpo", "3"), ("euler", "3"),
-                                                                        ("reference", "")]
+        assert [(r["solver"], r["nfe"]) for r in csv.DictReader(f)] == [("epd", "3"), ("rdpo", "3"), ("ld3", "3"),
+                                                                        ("euler", "3"), ("reference", "")]
     before = outputs(root)
     again = subprocess.run([str(BIN / "snakemake"), "--profile", "slurm", "--slurm-no-account", "-n"],
                            cwd=root, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

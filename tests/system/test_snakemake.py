@@ -29,10 +29,12 @@ def test_embedded_default_dag():
     reference (sampled and evaluated once)."""
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["pipeline"]
     n_tables, n_baselines = len(cfg["nfe"]), len(cfg["baselines"]) * len(cfg["baseline_nfe"])
+    kinds = 2 + len(cfg.get("peers", []))   # epd, rdpo and the learned peers (ld3), each at every nfe
     jobs = dry_run_jobs(REPO, "--forceall")
-    assert jobs == {"teacher": n_tables, "distill": n_tables, "rdpo": n_tables, "sample_table": 2 * n_tables,
-                    "sample_baseline": n_baselines, "reference": 1, "evaluate": 2 * n_tables + n_baselines + 1,
-                    "report": 1, "all": 1,
+    assert cfg.get("peers") == ["ld3"]
+    assert jobs == {"teacher": n_tables, "distill": n_tables, "ld3": n_tables, "rdpo": n_tables,
+                    "sample_table": kinds * n_tables, "sample_baseline": n_baselines, "reference": 1,
+                    "evaluate": kinds * n_tables + n_baselines + 1, "report": 1, "all": 1,
                     "total": jobs["total"]}
     assert jobs["total"] == sum(v for k, v in jobs.items() if k != "total")
 
@@ -78,18 +80,21 @@ def test_tiny_pipeline_run_noop_forcerun_and_config_change(tmp_path):
     res = root / "results" / "tiny"
     with (res / "report" / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [(r["solver"], r["nfe"]) for r in rows] == [("epd", "3"), ("rdpo", "3"), ("euler", "3"), ("reference", "")]
+    assert [(r["solver"], r["nfe"]) for r in rows] == [("epd", "3"), ("rdpo", "3"), ("ld3", "3"), ("euler", "3"),
+                                                        ("reference", "")]
     for r in rows:
         assert 0 <= float(r["label_accuracy_mean"]) <= 1 and float(r["realism_mean"]) <= 0
         assert float(r["fd_digits"]) > 0
     # every solver's accuracy against the reference of the same seeds; the reference's own row is exact
-    assert all(float(r["rms_to_reference_mean"]) > 0.01 and float(r["fd_to_reference"]) > 1e-4 for r in rows[:3])
-    assert float(rows[3]["rms_to_reference_mean"]) == 0 and float(rows[3]["mode_agreement_mean"]) == 1
+    assert all(float(r["rms_to_reference_mean"]) > 0.01 and float(r["fd_to_reference"]) > 1e-4 for r in rows[:4])
+    assert float(rows[4]["rms_to_reference_mean"]) == 0 and float(rows[4]["mode_agreement_mean"]) == 1
+    assert "| LD3 (iPNDM) | 3 |" in out.stdout   # the peer's row named by its solver
     assert "Reference: DPM-Solver++(3M), 64 steps" in out.stdout
     for name in ("quality_vs_nfe.png", "curves.png", "grids.png"):
         assert (res / "report" / name).stat().st_size > 1000
     assert "| solver | NFE |" in out.stdout  # the Snakefile prints the summary table at the end
-    for job in ("teacher-nfe3", "distill-nfe3", "rdpo-nfe3", "sample-euler-nfe3", "evaluate-epd-nfe3", "report"):
+    for job in ("teacher-nfe3", "distill-nfe3", "ld3-nfe3", "rdpo-nfe3", "sample-euler-nfe3", "evaluate-ld3-nfe3",
+                "report"):
         assert (res / "logs" / f"{job}.log").stat().st_size > 0, job   # every job's output in its log
 
     # Snakemake's own HTML report of the finished run: the summary, the plots and the grids
@@ -125,8 +130,12 @@ def test_tiny_pipeline_run_noop_forcerun_and_config_change(tmp_path):
     assert dry_run_jobs(root) == {"rdpo": 1, "sample_table": 1, "evaluate": 1, "report": 1, "all": 1, "total": 5}
     cfg["sample"]["batch"] = 8
     (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    assert dry_run_jobs(root) == {"rdpo": 1, "sample_table": 2, "sample_baseline": 1, "reference": 1, "evaluate": 4,
-                                  "report": 1, "all": 1, "total": 11}
+    assert dry_run_jobs(root) == {"rdpo": 1, "sample_table": 3, "sample_baseline": 1, "reference": 1, "evaluate": 5,
+                                  "report": 1, "all": 1, "total": 13}
+    cfg["ld3"]["lr"] = 0.02   # the peer's section: its grid and what depends on it, nothing else
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert dry_run_jobs(root) == {"rdpo": 1, "ld3": 1, "sample_table": 3, "sample_baseline": 1, "reference": 1,
+                                  "evaluate": 5, "report": 1, "all": 1, "total": 14}
 
     # Fewer RDPO steps than the finished run: RDPO and what depends on it rerun, and the table is trained for the
     # lower count (the longer run's checkpoint kept aside), not refused after Snakemake deleted the outputs.
@@ -172,7 +181,7 @@ def test_a_start_table_replaces_teacher_and_distillation(tmp_path):
     """distill.start_tables names a finished table (e.g. a published one) for an NFE: no teacher job for it, the
     distill job takes that table, and RDPO, sampling and evaluation follow as for a distilled one."""
     cfg = yaml.safe_load(TINY.read_text())
-    cfg["pipeline"]["nfe"] = [3, 5]
+    cfg["pipeline"].update(nfe=[3, 5], peers=[])   # an LD3 peer at NFE 5 would still need that NFE's teacher
     cfg["distill"]["start_tables"] = {5: str(REPO / "data" / "tables" / "epd-time_uniform-nfe5.json")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     root = project_copy(tmp_path / "p", config=tmp_path / "c.yaml")

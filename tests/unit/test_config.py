@@ -28,6 +28,7 @@ def test_shipped_configs_load_and_name_every_section_dvc_reads(path):
     raw = yaml.safe_load(path.read_text())
     # dvc.yaml's params and foreach read these keys from the file itself, so they must be written out
     assert {"experiment", "pipeline", *READ_BY_STAGES} <= set(raw), sorted(set(READ_BY_STAGES) - set(raw))
+    assert {"nfe", "baselines", "baseline_nfe", "peers"} <= set(raw["pipeline"])   # dvc.yaml's matrices
     assert cfg.experiment == raw["experiment"]
 
 

@@ -108,3 +108,19 @@ def test_grid_images_spread_over_the_prompts(tmp_path):
     picked = sample_images(tmp_path, 10)
     assert [int(p.stem) for p in picked] == list(range(0, 40, 4))
     assert [int(p.stem) for p in sample_images(tmp_path, 50)] == list(range(50))  # fewer prompts than images
+
+
+def test_learned_peer_row_named_by_its_solver(tmp_path, capsys):
+    """An LD3 grid's row comes after EPD and RDPO, named by the solver its grid file holds; a file there that is no
+    grid is refused, naming it."""
+    from epd.solvers import SolverGrid, save_grid
+
+    res = tmp_path / "res"
+    fake_results(res, {"euler-nfe3": 0.25, "ld3-nfe3": 0.6, "epd-nfe3": 0.75})
+    save_grid(SolverGrid("ipndm", (80.0, 2.0, 0.1, 0.002), backbone="gmm-digits"), res / "tables" / "ld3-nfe3")
+    assert main(["report", "--results", str(res), "--out", str(tmp_path / "rep")]) == 0
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["| epd", "| LD3 (iPNDM)", "| euler"]
+    (res / "tables" / "ld3-nfe5.json").write_text("[]")
+    assert main(["report", "--results", str(res), "--out", str(tmp_path / "rep2")]) == 2
+    assert "ld3-nfe5.json is not a grid file" in capsys.readouterr().err and not (tmp_path / "rep2").exists()

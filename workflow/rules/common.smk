@@ -20,7 +20,7 @@ REPORT = f"{RESULTS}/report"
 PARENT_RUN = f"{RESULTS}/pipeline-run.json"  # the MLflow run of this invocation (epd pipeline-run start)
 TRACK = f"--parent-run {PARENT_RUN} --no-progress"
 GPU = int(BACKBONES[CFG.backbone.name].gpu)  # the slurm executor reads the `gpu` resource
-TABLE_SOLVERS = ["epd", "rdpo"]  # the distilled table, and the same after RDPO
+TABLE_SOLVERS = ["epd", "rdpo"] + CFG.pipeline.peers  # the distilled table, the same after RDPO, learned peers
 SAMPLED = [f"{s}-nfe{n}" for s in TABLE_SOLVERS for n in CFG.pipeline.nfe] + [
     f"{s}-nfe{n}" for s in CFG.pipeline.baselines for n in CFG.pipeline.baseline_nfe
 ] + ["reference"]
