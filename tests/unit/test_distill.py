@@ -197,3 +197,21 @@ def test_a_start_table_instead_of_a_distillation(tmp_path, capsys):
     assert load_table(tmp_path / "t5.json").meta.afs_convention == "upstream"
     assert main([*args, "--nfe", "7", "--out", str(tmp_path / "t7")]) == 2
     assert "is a table for NFE 5, not 7" in capsys.readouterr().err and not (tmp_path / "t7.json").exists()
+
+
+def test_shipped_tables_were_distilled_on_teachers_conditioned_as_samples_are():
+    """The pipeline and the benchmark sample with labels 0-9 cycled over the seeds; a table distilled on
+    unconditional trajectories does no better than the baselines there, so none may ship."""
+    from pathlib import Path
+
+    from epd.data import parse_seeds
+
+    root = Path(__file__).parents[2] / "data" / "tables"
+    tables = sorted(root.rglob("*.json"))
+    assert tables
+    for path in tables:
+        provenance = json.loads(path.read_text())["provenance"]
+        teacher = provenance["teacher_config"]
+        assert teacher["labels"] == list(range(10)), path
+        assert teacher["backbone"] == load_table(path).meta.backbone, path
+        assert min(parse_seeds(teacher["seeds"])) >= 100_000, path   # apart from every sampling seed
