@@ -128,9 +128,9 @@ def from_mapping(data: Mapping[str, Any] | None, where: str = "") -> Config:
 
 
 def check_inputs(cfg: Config, sections: tuple[str, ...] | None = None) -> None:
-    """Read the prompt files the config names (in ``sections``, default all): a missing, empty or non-UTF-8 file is
-    refused before any job runs, naming its key, the file and the line."""
-    for name in ("teacher", "rdpo", "sample") if sections is None else sections:
+    """Read the prompt files the config's sections name (``prompts``; in ``sections``, default all): a missing, empty
+    or non-UTF-8 file is refused before any job runs, naming its key, the file and the line."""
+    for name in (f.name for f in dataclasses.fields(Config)) if sections is None else sections:
         path = getattr(getattr(cfg, name), "prompts", None)
         if path is not None:
             try:

@@ -93,7 +93,7 @@ def resolve(args: argparse.Namespace, sections: tuple[str, ...]) -> Config:
             data[name] = given
     try:
         cfg = from_mapping(data)
-        check_inputs(cfg, tuple(n for n in sections if n in ("teacher", "rdpo", "sample")))
+        check_inputs(cfg, sections)
     except ConfigError as e:
         raise ConfigError(f"{args.config + ': ' if args.config else ''}{e}") from None
     if args.config:   # only once the inputs are known good: a refused run leaves no trace

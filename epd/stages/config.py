@@ -53,8 +53,7 @@ def run(args: argparse.Namespace, cfg: None) -> int:
         config = load_config(args.config) if args.config else from_mapping({})
         if args.config:   # the prompt files the file names (a default path is relative to the project root)
             named = read_yaml(args.config)
-            check_inputs(config, tuple(n for n in ("teacher", "rdpo", "sample")
-                                       if isinstance(named.get(n), dict) and named[n].get("prompts")))
+            check_inputs(config, tuple(n for n, v in named.items() if isinstance(v, dict) and v.get("prompts")))
         data = {name: section(config, name) for name in Config.__dataclass_fields__}
         print(yaml.safe_dump(data, sort_keys=False), end="")
     elif args.action == "schema":
