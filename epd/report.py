@@ -20,14 +20,13 @@ from typing import Sequence
 
 from .evaluate import HIGHER_IS_BETTER, SOLVER_ACCURACY
 from .io import atomic_write
+from .solvers.registry import SOLVERS
 
 RUN_NAME = re.compile(r"^(?P<solver>[A-Za-z0-9_]+)-nfe(?P<nfe>\d+)$")
 REFERENCE = "reference"   # the folder of the reference solver's samples: its row is the floor, not a contender
 OUTPUTS = ("summary.md", "summary.csv", "quality_vs_nfe.png", "curves.png", "grids.png")
 GRID_IMAGES = 10  # samples per solver row in grids.png
 LEARNED = ("epd", "rdpo", "ld3")  # the pipeline's own tables and learned peers: listed before the baselines
-SOLVER_NAMES = {"euler": "Euler", "dpm2": "DPM-Solver-2", "dpmpp_2m": "DPM-Solver++(2M)",
-                "dpmpp_3m": "DPM-Solver++(3M)", "unipc": "UniPC", "ipndm": "iPNDM"}
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ def peer_labels(results: str | os.PathLike) -> dict[str, str]:
             solvers.add(json.loads(path.read_text())["solver"])
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{path} is not a grid file written by `epd ld3`") from None
-    return {"ld3": f"LD3 ({', '.join(SOLVER_NAMES.get(s, s) for s in sorted(solvers))})"} if solvers else {}
+    return {"ld3": f"LD3 ({', '.join(SOLVERS[s].title if s in SOLVERS else s for s in sorted(solvers))})"} if solvers else {}
 
 
 def format_table(rows: Sequence[Row], reference: dict | None = None, labels: dict[str, str] | None = None) -> str:

@@ -23,6 +23,7 @@ BUDGETS = ("one_call", "two_call", "heun", "steps")
 class Solver:
     fn: Callable
     budget: str                  # one of BUDGETS
+    title: str                   # how reports name it
     teacher: bool = False        # accurate enough (with inserted steps) to make teacher trajectories
     table: bool = False          # takes a solver table (EPD, EPD-Plugin)
 
@@ -32,16 +33,17 @@ class Solver:
 
 
 SOLVERS: dict[str, Solver] = {
-    "euler": Solver(sample_euler, "one_call"),
-    "heun": Solver(sample_heun, "heun", teacher=True),
-    "dpm2": Solver(sample_dpm2, "two_call", teacher=True),
-    "dpmpp_2m": Solver(sample_dpmpp_2m, "one_call"),
-    "dpmpp_3m": Solver(sample_dpmpp_3m, "one_call"),
-    "unipc": Solver(sample_unipc, "one_call"),
-    "ipndm": Solver(sample_ipndm, "one_call"),
-    "epd": Solver(sample_epd, "two_call", table=True),
-    "epd_plugin": Solver(sample_epd, "two_call", table=True),
-    "reference": Solver(sample_reference, "steps"),   # the converged solution, what accuracy is measured against
+    "euler": Solver(sample_euler, "one_call", "Euler"),
+    "heun": Solver(sample_heun, "heun", "Heun", teacher=True),
+    "dpm2": Solver(sample_dpm2, "two_call", "DPM-Solver-2", teacher=True),
+    "dpmpp_2m": Solver(sample_dpmpp_2m, "one_call", "DPM-Solver++(2M)"),
+    "dpmpp_3m": Solver(sample_dpmpp_3m, "one_call", "DPM-Solver++(3M)"),
+    "unipc": Solver(sample_unipc, "one_call", "UniPC"),
+    "ipndm": Solver(sample_ipndm, "one_call", "iPNDM"),
+    "epd": Solver(sample_epd, "two_call", "EPD", table=True),
+    "epd_plugin": Solver(sample_epd, "two_call", "EPD-Plugin", table=True),
+    # the converged solution, what accuracy is measured against
+    "reference": Solver(sample_reference, "steps", "reference (DPM-Solver++(3M), converged)"),
 }
 
 # Hand-designed solvers, each f(denoiser, x, sigmas, *, cond=None, callback=None, afs=False).
