@@ -35,7 +35,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from tqdm import tqdm
 
 from .backbones import Backbone, load_backbone
 from .backbones.base import DataPoints
+from .io import atomic_write
 from .metrics import frechet_distance, gaussian_stats
 from .metrics import reference as accuracy
 from .metrics.digits import digit_features, fd_digits, fd_digits_stats, label_accuracy, load_digit_classifier
@@ -407,9 +407,7 @@ def write_outputs(rows: list[dict], report: str, outdir: Path, info: dict | None
     if info is not None:
         files.append(("benchmark.reference.json", json.dumps(info, indent=2) + "\n"))
     for name, text in files:
-        tmp = outdir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, outdir / name)
+        atomic_write(outdir / name, text.encode())
 
 
 def main(cfg: BenchConfig, outdir: Path, progress: bool = True) -> str:

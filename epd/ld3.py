@@ -131,7 +131,6 @@ def learn_grid(teacher_dir: str | os.PathLike, out: str | os.PathLike, cfg: LD3C
     sigmas = best[2]
     grid = SolverGrid(cfg.solver, tuple(sigmas.tolist()), plan.afs, backbone.name, tcfg.schedule,
                       None if conds is None else tuple(conds))
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(grid, out, provenance={"ld3": cfg.to_json(), "start_schedule": cfg.start_schedule or tcfg.schedule,
                                      "start_grid": start.tolist(), "teacher": str(teacher_dir),
                                      "teacher_config": manifest["config"],
