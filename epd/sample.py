@@ -56,6 +56,17 @@ class SampleOptions:
             parse_labels(self.labels)
 
 
+def encode_cycled(backbone: Backbone, positions: Sequence[int], labels: Sequence[int] | None = None,
+                  prompts: Sequence[str] | None = None):
+    """The encoded condition of each position in a seed list: labels or prompts cycled over the positions (position
+    i gets the (i mod len)-th), None if unconditional."""
+    conds = labels if labels is not None else prompts
+    if conds is None:
+        return None
+    picked = [conds[i % len(conds)] for i in positions]
+    return backbone.encode(labels=picked) if labels is not None else backbone.encode(prompts=picked)
+
+
 def generate(
     backbone: Backbone,
     solver: Configured,
@@ -78,9 +89,7 @@ def generate(
     batches = range(0, len(seeds), batch_size)
     for start in tqdm(batches, desc=f"sample {solver.name} nfe={solver.nfe}", unit="batch", disable=not progress):
         batch = list(seeds[start:start + batch_size])
-        picked = None if conds is None else [conds[(start + j) % len(conds)] for j in range(len(batch))]
-        cond = (backbone.encode(labels=picked) if labels is not None
-                else backbone.encode(prompts=picked) if prompts is not None else None)
+        cond = encode_cycled(backbone, range(start, start + len(batch)), labels, prompts)
         with torch.no_grad():
             x = solver(backbone, backbone.noise(batch), cond)
         yield batch, backbone.decode(x)

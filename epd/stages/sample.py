@@ -10,7 +10,8 @@ from .. import distributed, tracking
 from ..config import STAGE_SECTIONS, Config
 from ..data import parse_labels, parse_seeds, read_prompts
 from ..options import given_flags, json_object
-from ..sample import check_sample_dir, gather_samples, generate, save_grid, shard_slices, write_samples
+from ..sample import (check_sample_dir, encode_cycled, gather_samples, generate, save_grid, shard_slices,
+                      write_samples)
 from ..solvers import SOLVERS, load_grid, load_table, reference_error
 from ..solvers.grid import is_grid_file
 from ..solvers.table import EXPLICIT
@@ -59,10 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _reference_error(backbone, run_, seeds, labels, prompts, batch: int) -> dict:
     """The reference's own error on the first seeds (conditions cycled as for the samples): against twice the steps."""
-    conds = labels if labels is not None else prompts
-    picked = None if conds is None else [conds[i % len(conds)] for i in range(len(seeds))]
-    cond = (backbone.encode(labels=picked) if labels is not None else
-            backbone.encode(prompts=picked) if prompts is not None else None)
+    cond = encode_cycled(backbone, range(len(seeds)), labels, prompts)
     err = reference_error(backbone, backbone.noise(seeds), len(run_.sigmas), sigma_min=backbone.sigma_min,
                           sigma_max=backbone.sigma_max, cond=cond, data=backbone.data, batch_size=batch)
     return {"steps": err.steps, "samples": err.samples, "rms": err.rms, "same_mode": err.same_mode}
