@@ -20,6 +20,7 @@ from typing import Sequence
 
 from .evaluate import HIGHER_IS_BETTER, SOLVER_ACCURACY
 from .io import atomic_write
+from .solvers.grid import GridError, load_grid
 from .solvers.registry import SOLVERS
 
 RUN_NAME = re.compile(r"^(?P<solver>[A-Za-z0-9_]+)-nfe(?P<nfe>\d+)$")
@@ -117,10 +118,10 @@ def peer_labels(results: str | os.PathLike) -> dict[str, str]:
     solvers = set()
     for path in Path(results).glob("tables/ld3-nfe*.json"):
         try:
-            solvers.add(json.loads(path.read_text())["solver"])
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path} is not a grid file written by `epd ld3`") from None
-    return {"ld3": f"LD3 ({', '.join(SOLVERS[s].title if s in SOLVERS else s for s in sorted(solvers))})"} if solvers else {}
+            solvers.add(load_grid(path).solver)
+        except GridError as e:
+            raise ValueError(f"{path} is not a grid file written by `epd ld3`: {e}") from None
+    return {"ld3": f"LD3 ({', '.join(SOLVERS[s].title for s in sorted(solvers))})"} if solvers else {}
 
 
 def format_table(rows: Sequence[Row], reference: dict | None = None, labels: dict[str, str] | None = None) -> str:
